@@ -1,0 +1,6 @@
+"""misa kernels: the custom ops (torch.ops.misa.*), their torch references and implementations.
+Importing this package registers the ops."""
+from . import ops  # noqa: F401  (registers torch.ops.misa.*)
+from .indexer import indexer_topk
+
+__all__ = ["indexer_topk", "ops"]

@@ -1,0 +1,145 @@
+"""Vectorised torch implementations of the misa ops, used on CPU (and on any device without a
+Triton kernel). Queries are processed in chunks so that the extra memory is O(chunk x T) (times
+the head count for the per-head logits), never O(S x T)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .visibility import block_visibility, chunk_visibility, pooled_keys
+
+NEG_INF = float("-inf")
+# Elements of fp32 scratch a chunk may use (the [B, c, H, T] per-head logits dominate): 64 MiB.
+CHUNK_BUDGET_ELEMENTS = 1 << 24
+
+
+def query_chunks(queries: int, per_query_elements: int, chunk: int):
+    """Slices covering [0, queries); `chunk` > 0 fixes the size, 0 derives it from the budget."""
+    if chunk <= 0:
+        chunk = max(1, CHUNK_BUDGET_ELEMENTS // max(1, per_query_elements))
+    for start in range(0, queries, chunk):
+        yield slice(start, min(start + chunk, queries))
+
+
+def _finish_scores(scores, visible, bias, scale):
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    # NaN never wins a selection: it ranks with the hidden keys.
+    scores = torch.nan_to_num(scores, nan=NEG_INF)
+    return scores.masked_fill_(~visible, NEG_INF)
+
+
+def dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk):
+    batch, queries, heads, _ = q.shape
+    keys = k.shape[1]
+    top = min(k_top, keys)
+    values = torch.empty(batch, queries, top, dtype=torch.float32, device=q.device)
+    indices = torch.empty(batch, queries, top, dtype=torch.int64, device=q.device)
+    k32 = k.float()
+    for rows in query_chunks(queries, batch * heads * keys, chunk):
+        logits = torch.einsum("bchd,btd->bcht", q[:, rows].float(), k32).relu_()
+        scores = torch.einsum("bcht,bch->bct", logits, w[:, rows].float())
+        del logits
+        visible, bias = chunk_visibility(rows, batch, queries, keys, q.device, causal,
+                                         key_start, key_end, mask)
+        scores = _finish_scores(scores, visible, bias, scale)
+        values[:, rows], indices[:, rows] = scores.topk(top, dim=-1)
+    return values, indices
+
+
+def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask, chunk):
+    batch, queries, heads, _ = q.shape
+    keys = k.shape[1]
+    if router == "qnorm":
+        scores = torch.nan_to_num(q.float().norm(dim=-1), nan=NEG_INF)
+        return scores.topk(active_heads, dim=-1).indices
+    kbar = pooled_keys(k, block_size)
+    num_blocks = kbar.shape[1]
+    chosen = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
+    for rows in query_chunks(queries, batch * (heads * num_blocks + keys), chunk):
+        visible, _ = chunk_visibility(rows, batch, queries, keys, q.device, causal,
+                                      key_start, key_end, mask)
+        blocks = block_visibility(visible, block_size).float()  # [B, c, nb]
+        per_block = torch.einsum("bchd,bnd->bchn", q[:, rows].float(), kbar).relu_()
+        r = torch.einsum("bchn,bcn->bch", per_block, blocks) * w[:, rows].float().abs()
+        chosen[:, rows] = torch.nan_to_num(r, nan=NEG_INF).topk(active_heads, dim=-1).indices
+    return chosen
+
+
+def gather_heads(q, w, heads):
+    """q [B,S,H,D], w [B,S,H], heads [B,S,h] -> q [B,S,h,D], w [B,S,h]."""
+    heads = heads.long()
+    q_routed = q.gather(2, heads[..., None].expand(*heads.shape, q.shape[-1]))
+    return q_routed, w.gather(2, heads)
+
+
+def routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk):
+    # The key is shared by all heads, so routed scoring is the dense indexer on gathered heads.
+    q_routed, w_routed = gather_heads(q, w, heads)
+    return dense_topk(q_routed, k, w_routed, k_top, scale, causal, key_start, key_end, mask, chunk)
+
+
+def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk):
+    """Exact all-head scores of the candidate keys only; candidates outside [0, T) are invalid."""
+    batch, queries, heads, dim = q.shape
+    keys = k.shape[1]
+    width = candidates.shape[-1]
+    top = min(k_top, keys)
+    values = torch.full((batch, queries, top), NEG_INF, dtype=torch.float32, device=q.device)
+    indices = torch.zeros(batch, queries, top, dtype=torch.int64, device=q.device)
+    taken = min(top, width)
+    k32 = k.float()
+    batch_ids = torch.arange(batch, device=q.device)[:, None, None]
+    for rows in query_chunks(queries, batch * width * (heads + dim) + batch * keys, chunk):
+        cand = candidates[:, rows].long()
+        valid = (cand >= 0) & (cand < keys)
+        safe = cand.clamp(0, keys - 1)
+        cand_keys = k32[batch_ids, safe]  # [B, c, C, D]
+        logits = torch.einsum("bchd,bcnd->bchn", q[:, rows].float(), cand_keys).relu_()
+        scores = torch.einsum("bchn,bch->bcn", logits, w[:, rows].float())
+        del logits, cand_keys
+        visible, bias = chunk_visibility(rows, batch, queries, keys, q.device, causal,
+                                         key_start, key_end, mask)
+        cand_visible = visible.gather(-1, safe) & valid
+        cand_bias = None if bias is None else bias.gather(-1, safe)
+        scores = _finish_scores(scores, cand_visible, cand_bias, scale)
+        best, slot = scores.topk(taken, dim=-1)
+        values[:, rows, :taken] = best
+        indices[:, rows, :taken] = safe.gather(-1, slot)
+    return values, indices
+
+
+def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk):
+    """Key indices [B, S, min(m, nb) * block] of the kept blocks; -1 past the last key."""
+    batch, queries, heads, _ = q.shape
+    keys = k.shape[1]
+    kbar = pooled_keys(k, block_size)
+    total_blocks = kbar.shape[1]
+    kept = min(num_blocks, total_blocks)
+    out = torch.empty(batch, queries, kept * block_size, dtype=torch.int64, device=q.device)
+    offsets = torch.arange(block_size, device=q.device)
+    for rows in query_chunks(queries, batch * (heads * total_blocks + keys), chunk):
+        visible, _ = chunk_visibility(rows, batch, queries, keys, q.device, causal,
+                                      key_start, key_end, mask)
+        blocks_visible = block_visibility(visible, block_size)
+        per_block = torch.einsum("bchd,bnd->bchn", q[:, rows].float(), kbar).relu_()
+        beta = torch.einsum("bchn,bch->bcn", per_block, w[:, rows].float())
+        beta = torch.nan_to_num(beta, nan=NEG_INF).masked_fill_(~blocks_visible, NEG_INF)
+        beta = _force_first_and_last_blocks(beta, blocks_visible)
+        chosen = beta.topk(kept, dim=-1).indices  # [B, c, kept]
+        key_ids = (chosen[..., None] * block_size + offsets).flatten(-2)
+        out[:, rows] = torch.where(key_ids < keys, key_ids, -1)
+    return out
+
+
+def _force_first_and_last_blocks(beta, blocks_visible):
+    """HISA always keeps the first visible block (the attention sink) and the last one (the
+    query's own block)."""
+    total = blocks_visible.shape[-1]
+    first = blocks_visible.int().argmax(-1, keepdim=True)
+    last = total - 1 - blocks_visible.flip(-1).int().argmax(-1, keepdim=True)
+    forced = torch.where(blocks_visible.any(-1, keepdim=True), float("inf"), NEG_INF)
+    forced = forced.to(beta.dtype)
+    return beta.scatter(-1, first, forced).scatter(-1, last, forced)

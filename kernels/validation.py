@@ -1,0 +1,110 @@
+"""Input checks shared by every op implementation. They run on real tensors (never inside fake
+impls, where sizes may be symbolic) and raise errors that name the argument, what it was and what
+is allowed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class IndexerShape:
+    batch: int
+    queries: int
+    heads: int
+    dim: int
+    keys: int
+
+
+def check_indexer_inputs(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    key_start: Optional[torch.Tensor] = None,
+    key_end: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    extra_dtypes: tuple = (),
+) -> IndexerShape:
+    """Checks the canonical layout q [B,S,H,D], k [B,T,D], w [B,S,H] and the visibility inputs."""
+    _check_rank(op, "q", q, 4, "[B, S, H, D]")
+    _check_rank(op, "k", k, 3, "[B, T, D]")
+    _check_rank(op, "w", w, 3, "[B, S, H]")
+    batch, queries, heads, dim = q.shape
+    keys = k.shape[1]
+    for name, size in (("B", batch), ("S", queries), ("H", heads), ("D", dim), ("T", keys)):
+        if size == 0:
+            raise ValueError(f"{op}: empty input, {name}=0 (q {tuple(q.shape)}, k {tuple(k.shape)}); "
+                             "every size must be >= 1")
+    if k.shape[0] != batch or k.shape[2] != dim:
+        raise ValueError(f"{op}: k has shape {tuple(k.shape)} but q {tuple(q.shape)} needs "
+                         f"k of shape [B={batch}, T, D={dim}]")
+    if tuple(w.shape) != (batch, queries, heads):
+        raise ValueError(f"{op}: w has shape {tuple(w.shape)}, expected [B, S, H] = "
+                         f"{[batch, queries, heads]} to match q {tuple(q.shape)}")
+    allowed = FLOAT_DTYPES + tuple(extra_dtypes)
+    for name, t in (("q", q), ("k", k), ("w", w)):
+        if t.dtype not in allowed:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed dtypes are "
+                            f"{', '.join(str(d) for d in allowed)}")
+    _check_same_device(op, q, k=k, w=w, key_start=key_start, key_end=key_end, mask=mask)
+    if (key_start is None) != (key_end is None):
+        raise ValueError(f"{op}: key_start and key_end must be given together (ragged key ranges "
+                         "[key_start, key_end) per query)")
+    for name, t in (("key_start", key_start), ("key_end", key_end)):
+        if t is None:
+            continue
+        if t.dtype not in INDEX_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed: int32, int64")
+        if tuple(t.shape) != (batch, queries):
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [B, S] = "
+                             f"{[batch, queries]}")
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: mask has dtype {mask.dtype}; allowed: bool (True = visible) or "
+                            "a float dtype (additive, -inf = hidden)")
+        if tuple(mask.shape) != (batch, queries, keys):
+            raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, S, T] = "
+                             f"{[batch, queries, keys]}")
+    return IndexerShape(batch, queries, heads, dim, keys)
+
+
+def check_positive_int(op: str, name: str, value: int, maximum: Optional[int] = None) -> None:
+    if value < 1 or (maximum is not None and value > maximum):
+        allowed = f"[1, {maximum}]" if maximum is not None else ">= 1"
+        raise ValueError(f"{op}: {name}={value}; allowed range is {allowed}")
+
+
+def check_scale(op: str, scale: float) -> None:
+    # A negative or zero factor changes (or erases) the ranking; only positive scales are no-ops
+    # for selection, so only those may be folded into the op.
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise ValueError(f"{op}: scale={scale}; must be a finite number > 0")
+
+
+def check_index_tensor(op: str, name: str, t: torch.Tensor, shape: IndexerShape) -> None:
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed: int32, int64")
+    if t.dim() != 3 or t.shape[0] != shape.batch or t.shape[1] != shape.queries or t.shape[2] == 0:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected [B={shape.batch}, "
+                         f"S={shape.queries}, n>=1]")
+
+
+def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{op}: {name} must have layout {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(op: str, q: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}; all inputs "
+                             "must be on one device")

@@ -1,0 +1,1 @@
+"""Graph passes that find DSA lightning indexers in ATen graphs and rewrite them into misa ops."""
