@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+HIDDEN_BIAS = torch.finfo(torch.float16).min
+
 
 def chunk_visibility(
     rows: slice,
@@ -37,7 +39,7 @@ def chunk_visibility(
             visible &= mask[:, rows]
         else:
             bias = mask[:, rows].float()
-            visible &= bias > float("-inf")
+            visible &= bias > HIDDEN_BIAS
     return visible, bias
 
 
