@@ -1,0 +1,1 @@
+"""Subcommands of the `misa` command line (see misa_compile/cli.py)."""
