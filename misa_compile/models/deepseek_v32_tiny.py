@@ -1,0 +1,96 @@
+"""A tiny, randomly initialised Hugging Face DeepSeek-V3.2 (`DeepseekV32ForCausalLM`): every layer
+has a DSA lightning indexer, and layers after the first use an MoE block whose gate takes its own,
+unrelated top-ks. Small enough to compile on two CPU cores in seconds.
+
+transformers is imported only when a model is built, so the rest of misa-compile works without it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+# Sized so that every piece exists but stays small: q/kv LoRA ranks, rope and nope dims, MoE with
+# two expert groups (so the gate runs its group top-k as well as its expert top-k).
+_TINY_CONFIG: dict[str, Any] = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16,
+    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_head_dim=16,
+    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+    first_k_dense_replace=1, max_position_embeddings=512, initializer_range=0.2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_cache=False,
+)
+
+
+def tiny_deepseek_v32(layers: int = 2, index_heads: int = 8, index_topk: int = 8, seed: int = 0,
+                      *, sequence_length: int = 32, batch_size: int = 1,
+                      **overrides: Any) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(model in eval mode, example input_ids [batch_size, sequence_length]).
+
+    layers:       decoder layers (each has an indexer); layer 0 has a dense MLP, the rest MoE.
+    index_heads:  H of the indexer (`index_n_heads`).
+    index_topk:   keys the indexer keeps per query; below `sequence_length` it really prunes.
+    seed:         seeds the weights and the example ids.
+    overrides:    any other DeepseekV32Config field (e.g. index_head_dim=32).
+    The attention implementation is "eager" (the additive-mask path), the KV cache is off."""
+    for name, value, minimum in (("layers", layers, 1), ("index_heads", index_heads, 1),
+                                 ("index_topk", index_topk, 1),
+                                 ("sequence_length", sequence_length, 1),
+                                 ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"tiny_deepseek_v32: {name}={value!r}; must be an int >= {minimum}")
+    config_cls, model_cls = _import_deepseek_v32()
+    fields = dict(_TINY_CONFIG, num_hidden_layers=layers, index_n_heads=index_heads,
+                  index_topk=index_topk)
+    fields.update(overrides)
+    config = config_cls(**fields)
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config, attn_implementation="eager").eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, config.vocab_size, (batch_size, sequence_length),
+                              generator=generator)
+    return model, input_ids
+
+
+def _import_deepseek_v32() -> tuple[type, type]:
+    try:
+        with _repository_kernels_hidden():
+            import transformers
+            from transformers.utils import import_utils
+            # Cached after this first call, which must see the real sys.path (see below).
+            import_utils.is_kernels_available()
+            from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    except ImportError as error:
+        version = getattr(sys.modules.get("transformers"), "__version__", "not installed")
+        raise ImportError(
+            "tiny_deepseek_v32 needs Hugging Face transformers with DeepseekV32ForCausalLM "
+            f"(5.17 or newer; found: {version}): pip install 'transformers>=5.17'") from error
+    del transformers
+    return DeepseekV32Config, DeepseekV32ForCausalLM
+
+
+@contextlib.contextmanager
+def _repository_kernels_hidden() -> Iterator[None]:
+    """transformers probes for the optional `kernels` package (Hugging Face hub kernels) by
+    importing the name `kernels`. Run from the repository root (`python -m pytest`, `python -c`),
+    that name resolves to this project's own kernels/ source folder, which is only importable as
+    misa_compile.kernels, and transformers' import fails. Hide such sys.path entries while
+    transformers is imported; everything else on sys.path is untouched."""
+    from .. import kernels as own_kernels
+
+    own_dirs = {Path(path).resolve() for path in own_kernels.__path__ if os.path.isdir(path)}
+    shadowing = [entry for entry in sys.path
+                 if (Path(entry or os.getcwd()) / "kernels").resolve() in own_dirs]
+    if not shadowing:
+        yield
+        return
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if entry not in shadowing]
+    try:
+        yield
+    finally:
+        added = [entry for entry in sys.path if entry not in saved]
+        sys.path[:] = saved + added
