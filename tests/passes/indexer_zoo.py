@@ -90,12 +90,13 @@ class IndexerSpec:
         return None if self.negative is None else NEGATIVE_REASONS[self.negative]
 
     @property
-    def uses_indices(self) -> bool:
-        return self.outputs in ("indices", "both", "getitem")
-
-    @property
-    def uses_values(self) -> bool:
-        return self.outputs in ("values", "both")
+    def output_names(self) -> tuple[str, ...]:
+        """What the site returns, in order: "indices", "values" or "scores"."""
+        if self.negative == "scores_returned":
+            return ("indices", "scores")
+        if self.negative is not None or self.outputs in ("indices", "getitem"):
+            return ("indices",)
+        return ("values",) if self.outputs == "values" else ("values", "indices")
 
     @property
     def positive_scale(self) -> float:
@@ -359,7 +360,7 @@ class HostModel(nn.Module):
 
     def _sparse_code(self, h: Tensor) -> Tensor:
         codes = F.relu(self.encoder(h))
-        values, slots = codes.topk(3, dim=-1)
+        values, slots = codes.topk(2, dim=-1)
         return self.decoder(torch.zeros_like(codes).scatter(-1, slots, values))
 
 
@@ -395,6 +396,20 @@ def make_inputs(host: HostSpec, queries: int, keys: int, batch: int = 2, seed: i
 def build_host(host: HostSpec, seed: int = 0) -> HostModel:
     torch.manual_seed(seed)
     return HostModel(host).eval()
+
+
+def split_outputs(host: HostSpec, outputs: tuple[Tensor, ...]
+                  ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """(unrelated output, one {output name: tensor} per site) from a HostModel's outputs."""
+    unrelated, rest = outputs[0], list(outputs[1:])
+    per_site = []
+    for spec in host.sites:
+        names = spec.output_names
+        per_site.append(dict(zip(names, rest[:len(names)])))
+        rest = rest[len(names):]
+    if rest:
+        raise ValueError(f"{len(rest)} outputs left over after splitting by the host's sites")
+    return unrelated, per_site
 
 
 # ---------------------------------------------------------------------------------------------
