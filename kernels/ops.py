@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import torch_impl
 from .validation import (check_index_tensor, check_indexer_inputs, check_positive_int,
-                         check_scale)
+                         check_same_device, check_scale)
 
 _ROUTERS = ("score", "qnorm")
 
@@ -46,6 +46,8 @@ def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
 
 @dense_topk.register_fake
 def _(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None, chunk=0):
+    check_same_device("misa.dense_topk", q, k=k, w=w, key_start=key_start, key_end=key_end,
+                      mask=mask)
     return _topk_outputs(q, k, k_top)
 
 
@@ -68,6 +70,8 @@ def route_heads(q: Tensor, k: Tensor, w: Tensor, active_heads: int, block_size: 
 @route_heads.register_fake
 def _(q, k, w, active_heads, block_size=1024, router="score", causal=True, key_start=None,
       key_end=None, mask=None, chunk=0):
+    check_same_device("misa.route_heads", q, k=k, w=w, key_start=key_start, key_end=key_end,
+                      mask=mask)
     return q.new_empty((q.shape[0], q.shape[1], active_heads), dtype=torch.int64)
 
 
@@ -79,6 +83,7 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
     """MISA sparse scoring + selection: the index score summed over each query's routed heads
     only (original signed weights), then top-k."""
     shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask)
+    check_same_device("misa.routed_topk", q, heads=heads)
     check_index_tensor("misa.routed_topk", "heads", heads, shape)
     check_positive_int("misa.routed_topk", "k_top", k_top)
     check_scale("misa.routed_topk", scale)
@@ -91,6 +96,8 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
 @routed_topk.register_fake
 def _(q, k, w, heads, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None,
       chunk=0):
+    check_same_device("misa.routed_topk", q, k=k, w=w, heads=heads, key_start=key_start,
+                      key_end=key_end, mask=mask)
     return _topk_outputs(q, k, k_top)
 
 
@@ -102,6 +109,7 @@ def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
     """Exact all-head index scores of candidate keys [B,S,C] only, then top-k among them.
     Candidates outside [0, T) (e.g. -1) are ignored; C < k_top pads with -inf."""
     shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask)
+    check_same_device("misa.rerank_topk", q, candidates=candidates)
     check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
     check_positive_int("misa.rerank_topk", "k_top", k_top)
     check_scale("misa.rerank_topk", scale)
@@ -112,6 +120,8 @@ def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
 @rerank_topk.register_fake
 def _(q, k, w, candidates, k_top, scale=1.0, causal=True, key_start=None, key_end=None,
       mask=None, chunk=0):
+    check_same_device("misa.rerank_topk", q, k=k, w=w, candidates=candidates,
+                      key_start=key_start, key_end=key_end, mask=mask)
     return _topk_outputs(q, k, k_top)
 
 
@@ -132,6 +142,8 @@ def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
 @hisa_candidates.register_fake
 def _(q, k, w, block_size=128, num_blocks=64, causal=True, key_start=None, key_end=None,
       mask=None, chunk=0):
+    check_same_device("misa.hisa_candidates", q, k=k, w=w, key_start=key_start, key_end=key_end,
+                      mask=mask)
     total_blocks = (k.shape[1] + block_size - 1) // block_size
     width = torch.sym_min(num_blocks, total_blocks) * block_size
     return q.new_empty((q.shape[0], q.shape[1], width), dtype=torch.int64)

@@ -53,7 +53,7 @@ def check_indexer_inputs(
         if t.dtype not in allowed:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed dtypes are "
                             f"{', '.join(str(d) for d in allowed)}")
-    _check_same_device(op, q, k=k, w=w, key_start=key_start, key_end=key_end, mask=mask)
+    check_same_device(op, q, k=k, w=w, key_start=key_start, key_end=key_end, mask=mask)
     if (key_start is None) != (key_end is None):
         raise ValueError(f"{op}: key_start and key_end must be given together (ragged key ranges "
                          "[key_start, key_end) per query)")
@@ -103,7 +103,9 @@ def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> 
         raise ValueError(f"{op}: {name} must have layout {layout}, got shape {tuple(t.shape)}")
 
 
-def _check_same_device(op: str, q: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+def check_same_device(op: str, q: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """Also called by the fake impls: a call mixing a "meta" tensor with real ones dispatches to
+    the fake impl, which would otherwise return uninitialised tensors without any error."""
     for name, t in others.items():
         if t is not None and t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}; all inputs "
