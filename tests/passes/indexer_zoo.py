@@ -13,7 +13,6 @@ scale and its key visibility, so tests compare against kernels/reference.py, whi
 independently of the spellings here."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -111,10 +110,12 @@ class IndexerSpec:
 
 @dataclass(frozen=True)
 class HostSpec:
-    """A host model: its sites (all with the same head count) and its layout."""
+    """A host model: its sites (all with the same head count), its layout, and whether the
+    unrelated MoE and sparse-code top-ks are there."""
     sites: tuple[IndexerSpec, ...]
     layout: str = "batch"
     embed: int = 16
+    decoys: bool = True
 
     @property
     def positives(self) -> tuple[IndexerSpec, ...]:
@@ -348,7 +349,10 @@ class HostModel(nn.Module):
         outputs: list[Tensor] = []
         for site in self.sites:
             outputs.extend(site(hx, hctx, keep, bias_inf, bias_min))
-        return (self.mlp(hx) + self._moe(hx) + self._sparse_code(hx), *outputs)
+        unrelated = self.mlp(hx)
+        if self.spec.decoys:
+            unrelated = unrelated + self._moe(hx) + self._sparse_code(hx)
+        return (unrelated, *outputs)
 
     def _moe(self, h: Tensor) -> Tensor:
         gate_probs = self.gate(h).softmax(dim=-1)
@@ -452,20 +456,36 @@ def host_specs(draw, max_positive: int = 2, allow_negative: bool = True) -> Host
     return HostSpec(sites=tuple(sites), layout=layout)
 
 
-def single_site_host(spec: IndexerSpec) -> HostSpec:
-    return HostSpec(sites=(spec,), layout=spec.layout)
+def single_site_host(spec: IndexerSpec, decoys: bool = True) -> HostSpec:
+    return HostSpec(sites=(spec,), layout=spec.layout, decoys=decoys)
 
 
-def one_axis_sweep() -> list[IndexerSpec]:
-    """Every value of every axis once, the other axes at their defaults (a deterministic floor
-    under the hypothesis search)."""
-    base = IndexerSpec(mask="bool_masked_fill")
-    specs = [base]
-    for field, values in (("qk", QK_FORMS), ("head_sum", HEAD_SUMS), ("scale", SCALES),
-                          ("dtype", DTYPES), ("mask", MASKS), ("layout", LAYOUTS),
-                          ("outputs", OUTPUTS)):
-        for value in values:
-            spec = dataclasses.replace(base, **{field: value})
-            if spec not in specs:
-                specs.append(spec)
-    return specs
+AXES = {"qk": QK_FORMS, "head_sum": HEAD_SUMS, "scale": SCALES, "dtype": DTYPES, "mask": MASKS,
+        "layout": LAYOUTS, "outputs": OUTPUTS}
+
+
+def axis_sweep_host(axis: str) -> HostSpec:
+    """One host holding a site for every value of `axis`, the other axes at their defaults (a
+    deterministic floor under the hypothesis search); k_top 3, 4, ... tells the sites apart. The
+    flat layout gets a host of its own."""
+    if axis not in AXES:
+        raise ValueError(f"axis={axis!r}: allowed {tuple(AXES)}")
+    values = [v for v in AXES[axis] if v != "flat"]
+    sites = tuple(IndexerSpec(**dict({"mask": "bool_masked_fill", axis: value}), k_top=3 + i)
+                  for i, value in enumerate(values))
+    if axis == "layout":
+        sites = (IndexerSpec(mask="bool_masked_fill", layout="flat", k_top=3),
+                 IndexerSpec(mask="tril", layout="flat", outputs="both", k_top=4))
+        return HostSpec(sites=sites, layout="flat")
+    return HostSpec(sites=sites)
+
+
+def near_miss_host() -> HostSpec:
+    """One proven indexer (k_top=3) and every near-miss (k_top 4, 5, ...; the query-axis top-k
+    first, since its k must not exceed the query count)."""
+    negatives = sorted(NEGATIVE_REASONS, key=lambda n: (n != "topk_over_queries", n))
+    masks = {"sum_over_queries": "none", "fill_with_zero": "fill_with_zero"}
+    sites = [IndexerSpec(mask="tril", k_top=3)]
+    sites += [IndexerSpec(negative=n, mask=masks.get(n, "bool_masked_fill"), k_top=4 + i)
+              for i, n in enumerate(negatives)]
+    return HostSpec(sites=tuple(sites))

@@ -19,8 +19,8 @@ import misa_compile
 from misa_compile.kernels import reference
 from misa_compile.models import DeepSeekReferenceBlock, PackedSparseAttentionBlock
 
-from .indexer_zoo import (NEGATIVE_REASONS, HostSpec, IndexerSpec, build_host, host_specs,
-                          make_inputs, one_axis_sweep, positive_specs, single_site_host,
+from .indexer_zoo import (AXES, HostSpec, IndexerSpec, axis_sweep_host, build_host, host_specs,
+                          make_inputs, near_miss_host, positive_specs, single_site_host,
                           split_outputs)
 
 QUERIES, KEYS = 12, 16
@@ -104,12 +104,15 @@ def check_host(model, host: HostSpec, inputs, compiled_outputs, eager_outputs) -
     with torch.no_grad():
         hx, hctx = model.stem(x), model.stem(ctx)
     for site, got, want in zip(model.sites, sites, sites_eager):
-        if site.spec.negative is None:
-            check_site_selection(site, hx, hctx, keep, want, want)
-            check_site_selection(site, hx, hctx, keep, got, want)
-        else:
-            for name in want:
-                torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+        try:
+            if site.spec.negative is None:
+                check_site_selection(site, hx, hctx, keep, want, want)
+                check_site_selection(site, hx, hctx, keep, got, want)
+            else:
+                for name in want:
+                    torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+        except AssertionError as error:
+            raise AssertionError(f"site {site.spec}: {error}") from None
 
 
 def check_report(report, host: HostSpec, variant: str = "misa") -> None:
@@ -118,8 +121,14 @@ def check_report(report, host: HostSpec, variant: str = "misa") -> None:
     rewritten = sorted((r.heads, r.k_top) for r in report.rewritten)
     assert rewritten == sorted((s.heads, s.k_top) for s in host.positives), str(report)
     assert all(r.variant == variant for r in report.rewritten), str(report)
-    refused = sorted((r.k_top, r.reason) for r in report.refused)
-    assert refused == sorted((s.k_top, s.expected_reason) for s in host.negatives), str(report)
+    # A site refused early may not know its k_top yet: match reasons as a multiset, and k_top
+    # where the record has one.
+    expected = {s.k_top: s.expected_reason for s in host.negatives}
+    got = collections.Counter(r.reason for r in report.refused)
+    assert got == collections.Counter(expected.values()), str(report)
+    for record in report.refused:
+        if isinstance(record.k_top, int):
+            assert expected.get(record.k_top) == record.reason, str(report)
 
 
 def explain(model, inputs, options):
@@ -156,26 +165,24 @@ def test_zoo_spellings_compute_the_indexer_math(spec: IndexerSpec):
 
 
 # ---------------------------------------------------------------------------------------------
-# Every value of every axis, one at a time: found, rewritten, exact with all heads.
+# Every value of every axis, one host per axis: found, rewritten, exact with all heads.
 
-@pytest.mark.parametrize("spec", one_axis_sweep(),
-                         ids=lambda s: f"{s.qk}-{s.head_sum}-{s.scale}-{s.dtype}-{s.mask}-"
-                                       f"{s.layout}-{s.outputs}")
-def test_each_spelling_is_rewritten_and_exact_with_all_heads(spec: IndexerSpec):
-    host = single_site_host(spec)
+@pytest.mark.parametrize("axis", sorted(AXES))
+def test_every_spelling_of_an_axis_is_rewritten_and_exact_with_all_heads(axis):
+    host = axis_sweep_host(axis)
     model = build_host(host)
     inputs = make_inputs(host, QUERIES, KEYS)
-    options = misa_options(spec.heads)
+    options = misa_options(4)
     check_report(explain(model, inputs, options), host)
     outputs, calls, _ = compile_and_run(model, inputs, options)
-    assert calls["misa::routed_topk"] == 1 and calls["misa::route_heads"] == 1, calls
+    assert calls["misa::routed_topk"] == len(host.sites), calls
     check_host(model, host, inputs, outputs, eager(model, inputs))
 
 
 # ---------------------------------------------------------------------------------------------
 # Composed hosts: several sites, near-misses, decoys, static and dynamic shapes.
 
-@settings(max_examples=14, **HYPOTHESIS)
+@settings(max_examples=8, **HYPOTHESIS)
 @given(host=host_specs(), dynamic=st.booleans())
 def test_planted_sites_are_found_exactly_and_compiled_output_equals_eager(host, dynamic):
     model = build_host(host)
@@ -191,17 +198,11 @@ def test_planted_sites_are_found_exactly_and_compiled_output_equals_eager(host, 
         check_host(model, host, other_sizes, second, eager(model, other_sizes))
 
 
-@pytest.mark.parametrize("negative", sorted(NEGATIVE_REASONS))
-def test_near_misses_are_refused_with_their_reason_and_left_untouched(negative):
-    mask = {"sum_over_queries": "none", "fill_with_zero": "fill_with_zero"}.get(
-        negative, "bool_masked_fill")
-    near_miss = IndexerSpec(negative=negative, mask=mask, k_top=4)
-    host = HostSpec(sites=(IndexerSpec(mask="tril", k_top=3), near_miss))
+def test_near_misses_are_refused_with_their_reason_and_left_untouched():
+    host = near_miss_host()
     model = build_host(host)
     inputs = make_inputs(host, QUERIES, KEYS)
-    report = explain(model, inputs, misa_options(4))
-    check_report(report, host)
-    assert [r.reason for r in report.refused] == [NEGATIVE_REASONS[negative]]
+    check_report(explain(model, inputs, misa_options(4)), host)
     outputs, calls, _ = compile_and_run(model, inputs, misa_options(4))
     assert calls["misa::routed_topk"] == 1, calls
     check_host(model, host, inputs, outputs, eager(model, inputs))
@@ -292,7 +293,7 @@ def test_exact_variants_equal_eager_when_their_candidates_cover_every_key(spec, 
                  layout="flat", outputs="both"), True),
 ])
 def test_inductor_target_rewrites_and_equals_eager(spec, dynamic):
-    host = single_site_host(spec)
+    host = single_site_host(spec, decoys=not dynamic)
     model = build_host(host)
     inputs = make_inputs(host, QUERIES, KEYS)
     other_sizes = make_inputs(host, QUERIES - 3, KEYS, seed=1) if dynamic else None
