@@ -1,0 +1,222 @@
+"""Benchmark of the indexer variants on one CUDA card: plain torch (the Hugging Face
+formulation, chunked), torch.compile of it, our dense Triton kernel, MISA (h=8),
+MISA-hierarchical and HISA, over the shapes of PERFORMANCE.md; plus top-k alone against
+torch.topk. Prints one table last (card named) and writes the full JSON.
+
+    python bench/bench_indexer.py [--quick] [--out bench_indexer.json]
+
+Columns: ms (median, CUDA events), useful TFLOP/s (the FLOPs the variant's algorithm needs on
+visible pairs, over its time), speedup vs our dense kernel, recall of the dense selection, and
+peak extra GPU memory of one call. Inputs are random bf16 (isotropic: routing recall on them is
+a floor, not the quality on real indexers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+import torch
+import triton
+
+import misa_compile  # noqa: F401
+from misa_compile.config import MisaConfig
+from misa_compile.kernels import indexer_topk
+from misa_compile.kernels.triton.row_topk import topk_rows
+from workloads import hf_indexer_topk, make_inputs, recall, visible_pairs
+
+K_TOP, ACTIVE, ROUTER_BLOCK, N_CAND, HISA_BLOCK, HISA_M = 2048, 8, 1024, 8192, 128, 64
+SCALE = 128 ** -0.5
+VARIANTS = {
+    "dense": MisaConfig(variant="dense"),
+    "misa": MisaConfig(variant="misa", active_heads=ACTIVE, block_size=ROUTER_BLOCK),
+    "misa_hier": MisaConfig(variant="misa_hier", active_heads=ACTIVE, block_size=ROUTER_BLOCK,
+                            candidates=N_CAND),
+    "hisa": MisaConfig(variant="hisa", hisa_block=HISA_BLOCK, hisa_blocks=HISA_M),
+}
+
+
+def shapes(quick: bool):
+    """(label, B, S, T, H, run plain torch, run torch.compile)."""
+    prefill = [("1024x64K", 1, 1024, 65536, 64, True, True),
+               ("8192x64K", 1, 8192, 65536, 64, True, True),
+               ("1024x64K H32", 1, 1024, 65536, 32, True, True)]
+    if quick:
+        return prefill
+    return prefill + [
+        ("8192x64K H32", 1, 8192, 65536, 32, False, False),
+        ("8192x16K", 1, 8192, 16384, 64, True, False),
+        ("8192x32K", 1, 8192, 32768, 64, True, False),
+        ("causal 8K", 1, 8192, 8192, 64, True, False),
+        ("causal 32K", 1, 32768, 32768, 64, True, False),
+        ("causal 64K", 1, 65536, 65536, 64, False, False),
+        ("causal 128K", 1, 131072, 131072, 64, False, False),
+        ("decode 1x4K", 1, 1, 4096, 64, True, False),
+        ("decode 1x64K", 1, 1, 65536, 64, True, False),
+        ("decode 1x128K", 1, 1, 131072, 64, True, False),
+        ("decode 64x4K", 64, 1, 4096, 64, True, False),
+        ("decode 64x64K", 64, 1, 65536, 64, True, False),
+        ("decode 64x128K", 64, 1, 131072, 64, True, False),
+    ]
+
+
+def time_call(fn) -> float:
+    """Median ms of fn after a warm-up call; slow calls (> 100 ms) are timed 3 times."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first > 100:
+        runs = [first]
+        for _ in range(2):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            runs.append(start.elapsed_time(end))
+        return statistics.median(runs)
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def peak_extra_gib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def useful_flops(variant: str, batch, queries, keys, heads, dim=128) -> float:
+    pairs = visible_pairs(batch, queries, keys)
+    per_pair = 2 * dim
+    router = per_pair * heads * batch * queries * math.ceil(keys / ROUTER_BLOCK)
+    if variant in ("torch", "compile", "dense"):
+        return per_pair * heads * pairs
+    if variant == "misa":
+        return per_pair * ACTIVE * pairs + router
+    if variant == "misa_hier":
+        return per_pair * ACTIVE * pairs + router + per_pair * heads * batch * queries * N_CAND
+    blocks = per_pair * heads * batch * queries * math.ceil(keys / HISA_BLOCK)
+    return blocks + per_pair * heads * batch * queries * HISA_M * HISA_BLOCK
+
+
+def rotating(inputs_list):
+    """Cycles through input sets so that repeated calls do not all hit L2."""
+    state = {"i": 0}
+
+    def next_inputs():
+        state["i"] = (state["i"] + 1) % len(inputs_list)
+        return inputs_list[state["i"]]
+    return next_inputs
+
+
+def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
+    copies = max(1, min(8, math.ceil(200 * 2 ** 20 / (batch * keys * 128 * 2))))
+    sets = [make_inputs(batch, queries, keys, heads, seed=s) for s in range(copies)]
+    pick = rotating(sets)
+    rows = []
+    dense_values, dense_indices = indexer_topk(*sets[0], K_TOP, VARIANTS["dense"], scale=SCALE)
+    torch.cuda.synchronize()
+    calls = {name: (lambda c=config: indexer_topk(*pick(), K_TOP, c, scale=SCALE))
+             for name, config in VARIANTS.items()}
+    if run_torch:
+        calls = {"torch": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE), **calls}
+    if run_compile:
+        calls = {"compile": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE, compiled=True),
+                 **{k: v for k, v in calls.items()}}
+    for name, call in calls.items():
+        try:
+            ms = time_call(call)
+            peak = peak_extra_gib(call)
+            rec = None
+            if name in VARIANTS:
+                values, indices = indexer_topk(*sets[0], K_TOP, VARIANTS[name], scale=SCALE)
+                rec = recall(indices, values, dense_indices, dense_values)
+                del values, indices
+            flops = useful_flops(name, batch, queries, keys, heads)
+            rows.append(dict(shape=label, B=batch, S=queries, T=keys, H=heads, variant=name,
+                             ms=ms, tflops=flops / ms / 1e9, recall=rec, peak_gib=peak))
+        except torch.OutOfMemoryError as error:
+            rows.append(dict(shape=label, B=batch, S=queries, T=keys, H=heads, variant=name,
+                             error=f"out of memory: {error}"[:200]))
+        torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    dense_ms = next((r["ms"] for r in rows if r["variant"] == "dense" and "ms" in r), None)
+    for r in rows:
+        if dense_ms and "ms" in r:
+            r["vs_dense"] = dense_ms / r["ms"]
+    return rows
+
+
+def bench_topk_alone():
+    rows = []
+    for n_rows, width in ((1024, 65536), (8192, 65536), (2048, 131072), (64, 131072)):
+        x = torch.randn(1, n_rows, width, device="cuda")
+        values = torch.empty(1, n_rows, K_TOP, device="cuda")
+        indices = torch.empty(1, n_rows, K_TOP, dtype=torch.int64, device="cuda")
+        ours = time_call(lambda: topk_rows(x, K_TOP, values, indices))
+        ref = time_call(lambda: x.topk(K_TOP, dim=-1, sorted=False))
+        ref_bf16 = time_call(lambda: x.to(torch.bfloat16).topk(K_TOP, dim=-1, sorted=False))
+        same = bool(torch.equal(values.sort(-1).values, x.topk(K_TOP, dim=-1).values.sort(-1).values))
+        rows.append(dict(rows=n_rows, width=width, ours_ms=ours, torch_fp32_ms=ref,
+                         torch_bf16_ms=ref_bf16, speedup=ref / ours, exact=same))
+        print(json.dumps(rows[-1]), flush=True)
+        del x
+        torch.cuda.empty_cache()
+    return rows
+
+
+def card_ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    src = torch.randn(2 ** 28, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return dict(bf16_matmul_tflops=2 * 8192 ** 3 / matmul_ms / 1e9,
+                copy_tb_s=2 * src.numel() * 4 / copy_ms / 1e9)
+
+
+def table(device, ceilings, rows, topk_rows_):
+    lines = [f"card: {device}; bf16 matmul {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s; "
+             f"device copy {ceilings['copy_tb_s']:.2f} TB/s (read+write)",
+             "| shape | variant | ms | useful TFLOP/s | vs dense | recall | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['shape']} | {r['variant']} | {r.get('error', '')} | | | | |")
+            continue
+        rec = "" if r["recall"] is None else f"{r['recall']:.3f}"
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                     f"{r.get('vs_dense', float('nan')):.2f}x | {rec} | {r['peak_gib']:.2f} |")
+    lines += ["", "| top-k k=2048 fp32 rows x width | ours ms | torch.topk fp32 ms | "
+              "torch.topk bf16 ms | speedup vs fp32 | exact |", "|---|---|---|---|---|---|"]
+    for r in topk_rows_:
+        lines.append(f"| {r['rows']} x {r['width']} | {r['ours_ms']:.3f} | {r['torch_fp32_ms']:.3f} "
+                     f"| {r['torch_bf16_ms']:.3f} | {r['speedup']:.2f}x | {r['exact']} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the 64K prefill shapes")
+    parser.add_argument("--out", default="bench_indexer.json")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    ceilings = card_ceilings()
+    print(json.dumps(ceilings), flush=True)
+    topk = bench_topk_alone()
+    rows = []
+    for spec in shapes(args.quick):
+        rows += bench_shape(*spec)
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
+    print(table(device, ceilings, rows, topk), flush=True)
+
+
+if __name__ == "__main__":
+    main()

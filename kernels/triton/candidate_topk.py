@@ -1,0 +1,107 @@
+"""Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores):
+the row is held in registers, the k-th largest ordered key is found by a 32-round bitwise count
+search, then the entries above it, and as many ties as still fit, are written to their output
+slots by prefix sums. Output order is unspecified.
+
+Rows shorter than k are padded with -inf entries whose key ids are in range but meaningless:
+(tail_base[row] + slot - n) mod T, which are hidden keys when tail_base is the end of the row's
+visible range (so the tail never duplicates a visible selected key).
+
+When the row is a candidate list built from a threshold `lo` (see index_scores EMIT), the row is
+flagged if the list overflowed (count > capacity) or holds fewer than k entries although lo was
+finite: the selection is then incomplete and the caller recomputes that row."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import kth_largest_key, next_pow2, ordered_key
+
+MAX_ROW = 16384
+
+
+@triton.jit
+def candidate_topk_kernel(
+    val_ptr, idx_ptr, count_ptr, lo_ptr, tail_ptr, out_val_ptr, out_idx_ptr, flag_ptr,
+    rows_per_batch, n_cols, T, K,
+    stride_vb, stride_vr, stride_ib, stride_ir, stride_ic, stride_ob, stride_or,
+    HAS_COUNT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LO: tl.constexpr,
+    HAS_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0)
+    b = r // rows_per_batch
+    i = r % rows_per_batch
+    n = n_cols
+    if HAS_COUNT:
+        count = tl.load(count_ptr + r)
+        n = tl.minimum(count, n_cols)
+    slots = tl.arange(0, BLOCK)
+    valid = slots < n
+    values = tl.load(val_ptr + b.to(tl.int64) * stride_vb + i.to(tl.int64) * stride_vr + slots,
+                     mask=valid, other=float("-inf"))
+    values = tl.where(values == values, values, float("-inf"))
+    keys = tl.where(valid, ordered_key(values), 0)
+    threshold = kth_largest_key(keys, K)
+
+    above = keys > threshold
+    tied = keys == threshold
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    pos_above = tl.cumsum(above.to(tl.int32), axis=0) - 1
+    pos_tied = n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1
+    chosen = above | (tied & (pos_tied < K))
+    pos = tl.where(above, pos_above, pos_tied)
+
+    if HAS_IDX:
+        ids = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + i.to(tl.int64) * stride_ir
+                      + slots.to(tl.int64) * stride_ic, mask=valid & chosen, other=0).to(tl.int64)
+    else:
+        ids = slots.to(tl.int64)
+    ids = tl.minimum(tl.maximum(ids, 0), T - 1)
+    base = 0
+    if HAS_TAIL:
+        base = tl.load(tail_ptr + r).to(tl.int64)
+    tail_ids = (base + pos.to(tl.int64) - n) % T
+    ids = tl.where(valid, ids, tail_ids)
+    out_offset = b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or + pos
+    tl.store(out_val_ptr + out_offset, values, mask=chosen)
+    tl.store(out_idx_ptr + out_offset, ids, mask=chosen)
+
+    if HAS_COUNT:
+        bad = count > n_cols
+        if HAS_LO:
+            lo = tl.load(lo_ptr + r)
+            bad = bad | ((count < K) & (lo > float("-inf")))
+        tl.store(flag_ptr + r, bad.to(tl.int8))
+
+
+def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.Tensor,
+                   out_indices: torch.Tensor, *, ids: Optional[torch.Tensor] = None,
+                   count: Optional[torch.Tensor] = None, lo: Optional[torch.Tensor] = None,
+                   tail_base: Optional[torch.Tensor] = None,
+                   flags: Optional[torch.Tensor] = None) -> None:
+    """Top-k_top of each row of values [B, R, n] (unit column stride) into out_values/out_indices
+    [B, R, >=k_top] (unit column stride, any row strides). ids [B, R, n] gives each entry's key id
+    (default: its column); count [B*R] int32 the valid length of each row (default n); lo and
+    flags [B*R] enable the overflow / too-few check of candidate lists (flags int8)."""
+    batch, rows, n_cols = values.shape
+    assert values.stride(-1) == 1 and out_values.stride(-1) == 1 and out_indices.stride(-1) == 1
+    assert out_values.stride() == out_indices.stride()
+    block = next_pow2(max(n_cols, k_top, 16))
+    if block > MAX_ROW:
+        raise ValueError(f"candidate_topk: rows of {n_cols} entries with k={k_top} exceed the "
+                         f"in-register limit of {MAX_ROW}")
+    dummy = values
+    istr = ids.stride() if ids is not None else (0, 0, 0)
+    num_warps = max(4, min(16, block // 512))
+    candidate_topk_kernel[(batch * rows,)](
+        values, ids if ids is not None else dummy, count if count is not None else dummy,
+        lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,
+        out_values, out_indices, flags if flags is not None else dummy,
+        rows, n_cols, T, k_top,
+        values.stride(0), values.stride(1), istr[0], istr[1], istr[2],
+        out_values.stride(0), out_values.stride(1),
+        HAS_COUNT=count is not None, HAS_IDX=ids is not None, HAS_LO=lo is not None,
+        HAS_TAIL=tail_base is not None, BLOCK=block, num_warps=num_warps)

@@ -1,0 +1,100 @@
+"""Device helpers shared by the indexer kernels, and the launch-side constants they rely on.
+
+Selection works on order-preserving 32-bit keys of fp32 scores: for any two floats a < b the
+unsigned keys satisfy key(a) < key(b), so "the k-th largest score" becomes "the k-th largest
+unsigned integer", found exactly by a 32-step bitwise search of counts (no sort, no histogram).
+Key 0 (a negative NaN bit pattern, never produced after NaN scrubbing) marks padding slots."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once: TRITON_INTERPRET must be set before the kernels are decorated (see tests/conftest.py).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Ordered key of -inf: every hidden (or NaN) score maps here, padding maps below it, to 0.
+NEG_INF_KEY = 0x007FFFFF
+
+
+@triton.jit
+def ordered_key(x):
+    """fp32 -> uint32 with the same order (negative floats have their bits flipped)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    negative = (bits >> 31) != 0
+    return tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit
+def key_to_value(key):
+    """Inverse of ordered_key."""
+    positive = key >= 0x80000000
+    bits = tl.where(positive, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def kth_largest_key(keys, k):
+    """The largest t with count(keys >= t) >= k, i.e. the k-th largest key; 0 when fewer than k
+    keys are > 0. 32 count rounds, one bit each, over a tensor held in registers."""
+    threshold = tl.max(keys, axis=0) & 0
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | tl.full((), 1 << bit, tl.uint32)
+        count = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    return threshold
+
+
+@triton.jit
+def visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
+                  CAUSAL: tl.constexpr, RAGGED: tl.constexpr):
+    """[lo, hi) of key positions visible to query t of batch b (end-aligned causal AND ragged)."""
+    lo = tl.zeros_like(t)
+    hi = tl.zeros_like(t) + T
+    if CAUSAL:
+        hi = tl.minimum(hi, T - S_total + t + 1)
+    if RAGGED:
+        offset = b.to(tl.int64) * stride_rb + t.to(tl.int64) * stride_rs
+        lo = tl.maximum(lo, tl.load(ks_ptr + offset, mask=row_ok, other=0).to(tl.int32))
+        hi = tl.minimum(hi, tl.load(ke_ptr + offset, mask=row_ok, other=0).to(tl.int32))
+    return lo, hi
+
+
+@triton.jit
+def append_candidates(scores, key_ids, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
+                      cand_idx_ptr, CAP: tl.constexpr):
+    """Appends the entries of a [M, N] score tile that are finite and >= lo[row] to per-row
+    candidate lists (values fp32, key ids int32) of capacity CAP. One atomic per row reserves the
+    slots; positions inside the tile come from a prefix sum. Counts keep growing past CAP so
+    that the consumer can detect overflow."""
+    take = (scores >= lo[:, None]) & (scores > float("-inf")) & row_ok[:, None] & col_ok[None, :]
+    take_i = take.to(tl.int32)
+    per_row = tl.sum(take_i, axis=1)
+    base = tl.atomic_add(count_ptr + flat_rows, per_row, mask=row_ok & (per_row > 0),
+                         sem="relaxed")
+    slot = base[:, None] + tl.cumsum(take_i, axis=1) - 1
+    keep = take & (slot < CAP)
+    offsets = flat_rows.to(tl.int64)[:, None] * CAP + slot
+    tl.store(cand_val_ptr + offsets, scores, mask=keep)
+    ids = tl.broadcast_to(key_ids[None, :], scores.shape).to(tl.int32)
+    tl.store(cand_idx_ptr + offsets, ids, mask=keep)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_config(*tensors: torch.Tensor) -> tuple[tl.dtype, str]:
+    """(operand dtype, input precision) for tl.dot over these inputs: their 16-bit dtype when they
+    share one (fp32 accumulation), else fp32 with 3-pass tf32 (close to fp32 accuracy). Under the
+    interpreter bf16 dots are wrong, so fp32 is used there."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and not INTERPRET:
+        dtype = dtypes.pop()
+        if dtype == torch.bfloat16:
+            return tl.bfloat16, "tf32"
+        if dtype == torch.float16:
+            return tl.float16, "tf32"
+    return tl.float32, "tf32x3"

@@ -1,0 +1,42 @@
+"""Candidate lists from a score matrix already in memory: every finite score >= lo[row] is
+appended to its row's list (the same append as index_scores' EMIT mode, reading scores instead
+of computing them). One pass over the matrix, a few atomics per row and tile."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, append_candidates
+
+
+@triton.jit
+def emit_candidates_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
+                           rows_per_batch, n_cols, stride_b, stride_r,
+                           CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < rows_per_batch
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    scores = tl.load(src_ptr + b.to(tl.int64) * stride_b + local.to(tl.int64)[:, None] * stride_r
+                     + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
+    scores = tl.where(scores == scores, scores, float("-inf"))
+    flat_rows = b * rows_per_batch + local
+    lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
+    append_candidates(scores, cols, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
+                      cand_idx_ptr, CAP)
+
+
+def emit_candidates(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
+                    cand_idx: torch.Tensor, count: torch.Tensor) -> None:
+    """src [B, R, n] fp32 (unit column stride); lo, count [B*R]; cand_* [B*R, CAP]."""
+    batch, rows, n_cols = src.shape
+    assert src.stride(-1) == 1
+    block_m, block_n, warps = (16, 16, 1) if INTERPRET else (8, 1024, 8)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_cols, block_n), batch)
+    emit_candidates_kernel[grid](src, lo, cand_val, cand_idx, count, rows, n_cols,
+                                 src.stride(0), src.stride(1), CAP=cand_val.shape[1],
+                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)

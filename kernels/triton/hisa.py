@@ -1,0 +1,50 @@
+"""HISA's block filter on the GPU: block-mean keys, the all-head signed block score
+beta[t, b] = sum_j w[t, j] ReLU(q[t, j] . kbar[b]) (index_scores over pooled keys, a block
+visible when it overlaps the query's range), the first and last visible block forced in, the
+top-m blocks per query (candidate_topk), expanded to their key ids (-1 past T). The refinement is
+rerank_topk over these ids."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .candidate_topk import MAX_ROW, candidate_topk
+from .common import next_pow2
+from .index_scores import index_scores
+from .row_topk import topk_rows
+from .router import pooled_keys
+from .select import CHUNK_BUDGET_BYTES
+
+
+def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_size: int,
+                    num_blocks: int, causal: bool, key_start: Optional[torch.Tensor],
+                    key_end: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
+    """int64 [B, S, min(m, ceil(T/block)) * block] key ids of each query's kept blocks."""
+    batch, queries = q.shape[:2]
+    T = k.shape[1]
+    device = q.device
+    # Block means are only a filter: 16-bit operands (the query's dtype) keep it on the
+    # matrix units.
+    kbar = pooled_keys(k, block_size).to(q.dtype)
+    total_blocks = kbar.shape[1]
+    kept = min(num_blocks, total_blocks)
+    out = torch.empty(batch, queries, kept * block_size, dtype=torch.int64, device=device)
+    offsets = torch.arange(block_size, device=device)
+    per_row = total_blocks * 4 + kept * block_size * 8
+    step = chunk if chunk > 0 else max(1, CHUNK_BUDGET_BYTES // (batch * per_row))
+    for row0 in range(0, queries, step):
+        rows = min(step, queries - row0)
+        beta = torch.empty(batch, rows, total_blocks, dtype=torch.float32, device=device)
+        index_scores(q, kbar, w, rows=rows, row0=row0, causal=causal, key_start=key_start,
+                     key_end=key_end, scale=1.0, n_cols=total_blocks, key_block=block_size,
+                     force_ends=True, out=beta, total_positions=T)
+        block_v = torch.empty(batch, rows, kept, dtype=torch.float32, device=device)
+        block_i = torch.empty(batch, rows, kept, dtype=torch.int64, device=device)
+        if next_pow2(max(total_blocks, kept)) <= MAX_ROW:
+            candidate_topk(beta, kept, total_blocks, block_v, block_i)
+        else:
+            topk_rows(beta, kept, block_v, block_i)
+        key_ids = (block_i[..., None] * block_size + offsets).flatten(-2)
+        out[:, row0:row0 + rows] = torch.where(key_ids < T, key_ids, -1)
+    return out

@@ -1,0 +1,179 @@
+"""Index scores of a tile of queries against a tile of keys, all heads (dense) or each query's
+routed heads (MISA), with visibility fused:
+
+    I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[n * key_stride])     (-inf if hidden)
+
+Queries are the matrix rows, so one key tile (loaded once, kept on chip) serves every head of the
+loop; each head's [BLOCK_M, D] query tile is loaded inside the loop (for routed heads, gathered
+through the per-query head table in the load itself). Accumulation is fp32.
+
+Two outputs:
+  FULL  writes the scores of every (query, key slot) to out [B, rows, n_cols] (hidden = -inf).
+        With key_stride > 1 it scores an evenly spaced sample of the keys; with key_block > 1 each
+        key row stands for key_block positions (pooled block keys: a block is visible when it
+        overlaps the query's range).
+  EMIT  appends the scores >= lo[row] (and finite) to per-row candidate lists; the [S, T] matrix
+        is never written.
+
+Tiles that no query of the tile can see are skipped (causal diagonal, ragged ranges)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, append_candidates, dot_config, next_pow2, visible_range
+
+MODE_FULL = 0
+MODE_EMIT = 1
+
+
+@triton.jit
+def index_scores_kernel(
+    q_ptr, k_ptr, w_ptr, heads_ptr, ks_ptr, ke_ptr, lo_ptr, out_ptr, cand_idx_ptr, count_ptr,
+    rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_wb, stride_ws, stride_wh,
+    stride_hb, stride_hs, stride_hj,
+    stride_rb, stride_rs,
+    stride_ob, stride_or,
+    D,
+    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, MODE: tl.constexpr,
+    FORCE_ENDS: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, CAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < rows
+    t = row0 + local
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_rows = cols * key_stride
+    col_ok = (cols < n_cols) & (key_rows < n_keys)
+    lo, hi = visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
+                           CAUSAL, RAGGED)
+    first_pos = key_rows * KEY_BLOCK
+    visible = ((first_pos[None, :] < hi[:, None]) & (first_pos[None, :] + KEY_BLOCK > lo[:, None])
+               & row_ok[:, None] & col_ok[None, :])
+    any_visible = tl.max(visible.to(tl.int32), axis=1)
+    any_visible = tl.max(any_visible, axis=0) > 0
+
+    flat_rows = b * rows + local
+    if any_visible:
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        k_tile = tl.load(k_ptr + b.to(tl.int64) * stride_kb + key_rows.to(tl.int64)[:, None] * stride_kt
+                         + d[None, :] * stride_kd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+        k_t = tl.trans(k_tile)
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64)[:, None] * stride_qs + d[None, :] * stride_qd
+        w_rows = w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in range(HS):
+            if ROUTED:
+                head = tl.load(heads_ptr + b.to(tl.int64) * stride_hb + t.to(tl.int64) * stride_hs
+                               + j * stride_hj, mask=row_ok, other=0).to(tl.int64)
+                q_j = tl.load(q_rows + head[:, None] * stride_qh, mask=q_mask, other=0.0)
+                w_j = tl.load(w_rows + head * stride_wh, mask=row_ok, other=0.0)
+            else:
+                q_j = tl.load(q_rows + j * stride_qh, mask=q_mask, other=0.0)
+                w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0)
+            logits = tl.dot(q_j.to(DOT_DTYPE), k_t, input_precision=PRECISION)
+            acc += w_j.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+        scores = acc * scale
+        # NaN never wins a selection: it ranks with the hidden keys.
+        scores = tl.where(visible & (scores == scores), scores, float("-inf"))
+        if FORCE_ENDS:
+            first_block = lo // KEY_BLOCK
+            last_block = (hi - 1) // KEY_BLOCK
+            ends = (key_rows[None, :] == first_block[:, None]) | (key_rows[None, :] == last_block[:, None])
+            scores = tl.where(visible & ends, float("inf"), scores)
+        if MODE == 1:
+            row_lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
+            append_candidates(scores, key_rows, flat_rows, row_ok, col_ok, row_lo, count_ptr,
+                              out_ptr, cand_idx_ptr, CAP)
+    else:
+        scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    if MODE == 0:
+        out = (out_ptr + b.to(tl.int64) * stride_ob + local.to(tl.int64)[:, None] * stride_or
+               + cols[None, :])
+        tl.store(out, scores, mask=row_ok[:, None] & (cols < n_cols)[None, :])
+
+
+def _reset_count(kwargs, reset_only=False):
+    if kwargs.get("count_ptr") is not None:
+        kwargs["count_ptr"].zero_()
+
+
+# Autotuned per (head slots, head dim, mode, routing, operand dtype). 64 x 128 tiles keep the
+# two fp32 accumulators of a tile in one warpgroup's registers; 128 x 128 and 64 x 256 halve
+# the reloads of the per-head query tiles (which come from L2) per key.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_warps=8, num_stages=3),
+]
+_tuned_kernel = triton.autotune(
+    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "ROUTED", "KEY_BLOCK"], pre_hook=_reset_count,
+)(index_scores_kernel)
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int, row0: int,
+                 causal: bool, key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+                 scale: float, n_cols: int, heads: Optional[torch.Tensor] = None,
+                 key_stride: int = 1, key_block: int = 1, force_ends: bool = False,
+                 out: Optional[torch.Tensor] = None,
+                 emit: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                 total_queries: Optional[int] = None, total_positions: Optional[int] = None) -> None:
+    """Scores queries [row0, row0 + rows) of q [B,S,H,D] against key slots [0, n_cols) of
+    k [B,n_keys,D] (slot n is key row n * key_stride).
+
+    Exactly one of `out` (FULL: fp32 [B, rows, n_cols], any row strides, unit column stride) or
+    `emit` = (lo [B*rows] fp32, cand_val [B*rows, CAP] fp32, cand_idx [B*rows, CAP] int32,
+    count [B*rows] int32, zeroed) (EMIT) is given. `total_positions` is T of the visibility rules
+    (defaults to k's length; differs for pooled keys)."""
+    batch, queries, num_heads, dim = q.shape
+    n_keys = k.shape[1]
+    T = n_keys if total_positions is None else total_positions
+    S_total = queries if total_queries is None else total_queries
+    head_slots = num_heads if heads is None else heads.shape[-1]
+    dot_dtype, precision = dot_config(q, k)
+    ragged = key_start is not None
+    mode = MODE_FULL if out is not None else MODE_EMIT
+    dummy = q
+    if mode == MODE_FULL:
+        assert out.stride(-1) == 1
+        out_ptr, cand_idx, count, lo, cap = out, dummy, None, dummy, 1
+        stride_ob, stride_or = out.stride(0), out.stride(1)
+    else:
+        lo, cand_val, cand_idx, count = emit
+        out_ptr, cap = cand_val, cand_val.shape[1]
+        stride_ob, stride_or = 0, 0
+    heads_t = heads if heads is not None else dummy
+    hstr = heads.stride() if heads is not None else (0, 0, 0)
+    ks = key_start if ragged else dummy
+    ke = key_end if ragged else dummy
+    rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
+    block_d = max(16, next_pow2(dim))
+    args = (q, k, w, heads_t, ks, ke, lo, out_ptr, cand_idx, count,
+            rows, row0, S_total, T, n_keys, n_cols, head_slots, float(scale), key_stride,
+            *q.stride(), *k.stride(), *w.stride(), *hstr, *rstr, stride_ob, stride_or, dim)
+    meta = dict(CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, MODE=mode,
+                FORCE_ENDS=force_ends, KEY_BLOCK=key_block, DOT_DTYPE=dot_dtype,
+                PRECISION=precision, CAP=cap, BLOCK_D=block_d)
+    if INTERPRET:
+        grid = (triton.cdiv(rows, 16), triton.cdiv(n_cols, 16), batch)
+        index_scores_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+        return
+
+    def grid(m):
+        return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
+
+    _tuned_kernel[grid](*args, **meta)

@@ -1,0 +1,134 @@
+"""Index scores of ONE query against a run of keys, with the query's heads as the matrix rows:
+
+    I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[key(n)])       (-inf if hidden)
+
+The shape for few queries per sequence: decode (one query per sequence, a batch of sequences of
+different lengths through ragged ranges) and re-ranking (each query's own candidate keys,
+gathered by index inside the load). A [heads, D] query tile stays in registers while the program
+walks its share of the key axis. Routed heads (fewer than 16) are padded with zero weights, the
+smallest tile the matrix units take."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, dot_config, next_pow2, visible_range
+
+
+@triton.jit
+def query_scores_kernel(
+    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr,
+    rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_wb, stride_ws, stride_wh,
+    stride_hb, stride_hs, stride_hj,
+    stride_cb, stride_cs, stride_cn,
+    stride_rb, stride_rs,
+    stride_ob, stride_or,
+    D,
+    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, GATHER: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = r // rows
+    i = r % rows
+    t = row0 + i
+    lo, hi = visible_range(b, t, True, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
+                           CAUSAL, RAGGED)
+
+    slots = tl.arange(0, BLOCK_H)
+    slot_ok = slots < HS
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    if ROUTED:
+        heads = tl.load(heads_ptr + b.to(tl.int64) * stride_hb + t.to(tl.int64) * stride_hs
+                        + slots * stride_hj, mask=slot_ok, other=0).to(tl.int64)
+    else:
+        heads = slots.to(tl.int64)
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs
+    q = tl.load(q_base + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=slot_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    w = tl.load(w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws + heads * stride_wh,
+                mask=slot_ok, other=0.0).to(tl.float32)
+
+    col_start = pid_n * cols_per_program
+    col_end = tl.minimum(col_start + cols_per_program, n_cols)
+    if not GATHER:
+        # Keys outside [lo, hi) are hidden for this query: walk only the visible part.
+        first = tl.maximum(col_start, lo // BLOCK_N * BLOCK_N)
+        last = tl.minimum(col_end, hi)
+    else:
+        first = col_start
+        last = col_end
+    out_row = out_ptr + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or
+    # Columns of this program that the walk skips are hidden: write them once.
+    for c0 in range(col_start, col_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        if (c0 + BLOCK_N <= first) | (c0 >= last):
+            tl.store(out_row + cols, tl.full([BLOCK_N], float("-inf"), tl.float32),
+                     mask=cols < col_end)
+    for c0 in range(first // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = (cols < col_end) & (cols >= col_start)
+        if GATHER:
+            keys = tl.load(cand_ptr + b.to(tl.int64) * stride_cb + i.to(tl.int64) * stride_cs
+                           + cols.to(tl.int64) * stride_cn, mask=col_ok, other=-1)
+        else:
+            keys = cols.to(tl.int64)
+        visible = col_ok & (keys >= lo) & (keys < hi) & (keys >= 0) & (keys < T)
+        k_tile = tl.load(k_ptr + b.to(tl.int64) * stride_kb + keys[:, None] * stride_kt
+                         + d[None, :] * stride_kd, mask=visible[:, None] & d_ok[None, :],
+                         other=0.0).to(DOT_DTYPE)
+        logits = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
+        scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0), axis=0) * scale
+        scores = tl.where(visible & (scores == scores), scores, float("-inf"))
+        tl.store(out_row + cols, scores, mask=col_ok)
+
+
+def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
+                 rows: int, row0: int, causal: bool, key_start: Optional[torch.Tensor],
+                 key_end: Optional[torch.Tensor], scale: float,
+                 heads: Optional[torch.Tensor] = None,
+                 candidates: Optional[torch.Tensor] = None) -> None:
+    """out [B, rows, n_cols] fp32 (unit column stride) <- scores of queries [row0, row0+rows)
+    against keys 0..n_cols-1, or against candidates [B, S, n_cols] (key ids; ids outside [0, T)
+    score -inf) when given."""
+    batch, queries, num_heads, dim = q.shape
+    T = k.shape[1]
+    n_cols = out.shape[2]
+    assert out.stride(-1) == 1
+    head_slots = num_heads if heads is None else heads.shape[-1]
+    dot_dtype, precision = dot_config(q, k)
+    ragged = key_start is not None
+    dummy = q
+    hstr = heads.stride() if heads is not None else (0, 0, 0)
+    cstr = candidates.stride() if candidates is not None else (0, 0, 0)
+    rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
+    block_h = max(16, next_pow2(head_slots))
+    block_d = max(16, next_pow2(dim))
+    if INTERPRET:
+        block_n, warps, stages = 16, 1, 1
+    else:
+        block_n = 128 if block_h <= 64 else 64
+        warps, stages = (4, 3) if block_h <= 16 else (8, 3)
+    # Enough programs to fill the card, each walking a long run of keys (the query tile is
+    # loaded once per program).
+    programs_per_row = max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(1024, batch * rows)))
+    cols_per_program = triton.cdiv(triton.cdiv(n_cols, programs_per_row), block_n) * block_n
+    grid = (batch * rows, triton.cdiv(n_cols, cols_per_program))
+    query_scores_kernel[grid](
+        q, k, w, heads if heads is not None else dummy,
+        candidates if candidates is not None else dummy,
+        key_start if ragged else dummy, key_end if ragged else dummy, out,
+        rows, row0, queries, T, n_cols, head_slots, float(scale), cols_per_program,
+        *q.stride(), *k.stride(), *w.stride(), *hstr, *cstr, *rstr,
+        out.stride(0), out.stride(1), dim,
+        CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, GATHER=candidates is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=warps, num_stages=stages)

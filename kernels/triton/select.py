@@ -1,0 +1,146 @@
+"""Scoring + top-k for the dense and routed indexer, without the [S, T] fp32 score matrix.
+
+Per chunk of queries (extra memory O(chunk x (T/16 + capacity)), never O(chunk x T)):
+  1. index_scores scores each query against every 16th key (1/16 of the work) and
+     sample_threshold turns that sample into a per-row threshold lo;
+  2. index_scores scores all visible keys and appends only the scores >= lo to short per-row
+     candidate lists (about 1.4 k entries instead of T);
+  3. candidate_topk selects exactly within each list and flags the rare row whose threshold
+     missed; flagged rows are recomputed by the chunked torch implementation.
+Chunks whose keys fit a candidate list (short contexts) are scored in full and selected
+directly. Few queries per sequence (decode) take the heads-as-rows kernel (query_scores) and
+select with row_topk. Causal chunks only launch key tiles up to their last visible key."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from .. import torch_impl
+from .candidate_topk import candidate_topk
+from .index_scores import index_scores
+from .query_scores import query_scores
+from .row_topk import plan_selection, topk_rows
+from .sample_threshold import sample_threshold
+
+# Below this many queries per sequence the queries-as-rows tile would be mostly padding.
+FEW_QUERIES = 16
+# Scratch per chunk (sample scores + candidate lists, or full scores on the direct path).
+CHUNK_BUDGET_BYTES = 1 << 30
+
+
+def visible_bounds(batch: int, queries: int, T: int, row0: int, rows: int, causal: bool,
+                   key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [B, rows] (lo, hi): the visible key range [lo, hi) of each query, clamped to [0, T]."""
+    t = torch.arange(row0, row0 + rows, device=device)
+    lo = torch.zeros(batch, rows, dtype=torch.int64, device=device)
+    hi = torch.full((batch, rows), T, dtype=torch.int64, device=device)
+    if causal:
+        hi = torch.minimum(hi, (T - queries + t + 1)[None, :])
+    if key_start is not None:
+        lo = torch.maximum(lo, key_start[:, row0:row0 + rows].long())
+        hi = torch.minimum(hi, key_end[:, row0:row0 + rows].long())
+    return lo.clamp(0, T), hi.clamp(0, T)
+
+
+def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int:
+    if chunk > 0:
+        return min(chunk, queries)
+    rows = CHUNK_BUDGET_BYTES // max(1, batch * bytes_per_row)
+    return max(128, min(queries, rows // 128 * 128))
+
+
+def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Optional[torch.Tensor],
+                k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
+                key_end: Optional[torch.Tensor], chunk: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-min(k_top, T) keys per query of the index score over all heads (heads=None) or over
+    each query's routed heads [B, S, h]. Returns (values fp32, indices int64) [B, S, K],
+    unordered; see ops.py for the conventions."""
+    batch, queries, _, _ = q.shape
+    T = k.shape[1]
+    K = min(k_top, T)
+    device = q.device
+    values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
+    indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
+    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, heads=heads)
+
+    if queries < FEW_QUERIES:
+        scores = torch.empty(batch, queries, T, dtype=torch.float32, device=device)
+        query_scores(q, k, w, scores, rows=queries, row0=0, **vis)
+        _, hi = visible_bounds(batch, queries, T, 0, queries, causal, key_start, key_end, device)
+        topk_rows(scores, K, values, indices, tail_base=hi.reshape(-1))
+        return values, indices
+
+    widest = plan_selection(K, T)
+    if widest is None:
+        per_row = T * 4
+    elif widest.direct:
+        per_row = widest.capacity * 4
+    else:
+        per_row = widest.n_sample * 4 + widest.capacity * 8 + 16
+    step = _chunk_rows(batch, queries, per_row, chunk)
+    bad = torch.zeros(batch, queries, dtype=torch.bool, device=device)
+    for row0 in range(0, queries, step):
+        rows = min(step, queries - row0)
+        # Keys past the chunk's last visible key (causal) are hidden from all of its queries.
+        n_keys = min(T, max(1, T - queries + row0 + rows)) if causal else T
+        plan = plan_selection(K, n_keys)
+        _, hi = visible_bounds(batch, queries, T, row0, rows, causal, key_start, key_end, device)
+        out_v = values[:, row0:row0 + rows]
+        out_i = indices[:, row0:row0 + rows]
+        flat = batch * rows
+        if plan is None:
+            scores = torch.empty(batch, rows, T, dtype=torch.float32, device=device)
+            index_scores(q, k, w, rows=rows, row0=row0, n_cols=T, out=scores, **vis)
+            v, i = scores.topk(K, dim=-1, sorted=False)
+            out_v.copy_(v)
+            out_i.copy_(i)
+            continue
+        if plan.direct:
+            scores = torch.empty(batch, rows, n_keys, dtype=torch.float32, device=device)
+            index_scores(q, k, w, rows=rows, row0=row0, n_cols=n_keys, out=scores, **vis)
+            candidate_topk(scores, K, T, out_v, out_i, tail_base=hi.reshape(-1))
+            continue
+        sample = torch.empty(batch, rows, plan.n_sample, dtype=torch.float32, device=device)
+        index_scores(q, k, w, rows=rows, row0=row0, n_cols=plan.n_sample,
+                     key_stride=plan.key_stride, out=sample, **vis)
+        lo = torch.empty(flat, dtype=torch.float32, device=device)
+        sample_threshold(sample, plan.rank, plan.n_sample, lo)
+        del sample
+        cand_val = torch.empty(flat, plan.capacity, dtype=torch.float32, device=device)
+        cand_idx = torch.empty(flat, plan.capacity, dtype=torch.int32, device=device)
+        count = torch.zeros(flat, dtype=torch.int32, device=device)
+        index_scores(q, k, w, rows=rows, row0=row0, n_cols=n_keys,
+                     emit=(lo, cand_val, cand_idx, count), **vis)
+        flags = torch.zeros(flat, dtype=torch.int8, device=device)
+        candidate_topk(cand_val.view(batch, rows, -1), K, T, out_v, out_i,
+                       ids=cand_idx.view(batch, rows, -1), count=count, lo=lo,
+                       tail_base=hi.reshape(-1), flags=flags)
+        bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
+    if bad.any():
+        _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end,
+                        values, indices)
+    return values, indices
+
+
+def _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end, values,
+                    indices):
+    """Rows whose sampled threshold missed, redone exactly by the chunked torch implementation
+    with their visibility spelled as explicit ranges."""
+    batch, queries = bad.shape
+    T = k.shape[1]
+    lo, hi = visible_bounds(batch, queries, T, 0, queries, causal, key_start, key_end, q.device)
+    for b in range(batch):
+        rows = bad[b].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        q_b, w_b = q[b:b + 1, rows], w[b:b + 1, rows]
+        if heads is not None:
+            q_b, w_b = torch_impl.gather_heads(q_b, w_b, heads[b:b + 1, rows])
+        v, i = torch_impl.dense_topk(q_b, k[b:b + 1], w_b, k_top, scale, False,
+                                     lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0)
+        values[b, rows] = v[0]
+        indices[b, rows] = i[0]
