@@ -121,7 +121,8 @@ class IndexerCapture(TorchDispatchMode):
         site = self.sites[-1]
         _note_settings(site.settings, op, bound)
         if op in _SELECTION_OPS:
-            site.k_top = int(bound["k_top"])
+            # The router and the block filter take no scale: the selection ops carry it.
+            site.k_top, site.scale = int(bound["k_top"]), float(bound["scale"])
             site.values, site.indices = (self._keep(t) for t in out)
 
     def _continues_site(self, op: str, bound: dict) -> bool:
@@ -132,7 +133,7 @@ class IndexerCapture(TorchDispatchMode):
         keep = self._keep
         return CapturedSite(
             name=f"site_{len(self.sites):03d}", q=keep(bound["q"]), k=keep(bound["k"]),
-            w=keep(bound["w"]), k_top=None, scale=float(bound.get("scale", 1.0)),
+            w=keep(bound["w"]), k_top=None,
             causal=bool(bound["causal"]),
             **{name: keep(bound[name]) for name in _OPTIONAL_TENSORS if bound[name] is not None},
             ops=[op])

@@ -64,7 +64,7 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
         if png:
             written["png"] = png
     written["json"] = out / "report.json"
-    written["json"].write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    written["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     written["markdown"] = out / "report.md"
     written["markdown"].write_text(markdown(report))
     return written
@@ -260,6 +260,17 @@ def _aligned(head: list[list[str]], body: list[list[str]], group: int = 0) -> st
         lines.append("  ".join(cells))
     rule = "-" * max(len(line) for line in lines)
     return "\n".join(lines[:len(head)] + [rule] + lines[len(head):])
+
+
+def _json_safe(value):
+    """NaN (a mean over no informative query) becomes null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _mean(values: list) -> float:

@@ -265,7 +265,7 @@ def _queries(context: _Context, queries: int, basis: _Basis, roles: _HeadRoles,
     # Local heads look at recent keys: their query is mostly the rotary component, with a weak
     # topical part.
     q[:, local] = 0.3 * q[:, local] + 1.5 * rot[:, None, :]
-    q = q + 0.4 * strength[..., None] * basis.sink                            # attention sink
+    q = q + 0.5 * (strength * boost)[..., None] * basis.sink                  # attention sink
     q = q + structure.query_noise * torch.randn(queries, heads, dim, generator=gen) / math.sqrt(dim)
     jitter = 1.0 + 0.3 * torch.randn(queries, heads, generator=gen)
     w = roles.sign * roles.magnitude * boost * jitter
