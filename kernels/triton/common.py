@@ -16,7 +16,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Ordered key of -inf: every hidden (or NaN) score maps here, padding maps below it, to 0.
-NEG_INF_KEY = 0x007FFFFF
+NEG_INF_KEY = tl.constexpr(0x007FFFFF)
 
 
 @triton.jit
