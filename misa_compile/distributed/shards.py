@@ -90,6 +90,9 @@ def _local_metadata(group, q, k_local, w, k_top, config, key_offset, total_keys,
         shape = tuple(k_local.shape) if isinstance(k_local, Tensor) else type(k_local).__name__
         raise ValueError(f"{OP}: k_local must have layout [B, T_local, D], got {shape}")
     batch, local_keys, dim = k_local.shape
+    if isinstance(q, Tensor) and q.dim() == 4 and (batch, dim) != (q.shape[0], q.shape[3]):
+        raise ValueError(f"{OP}: k_local has shape {tuple(k_local.shape)} but q "
+                         f"{tuple(q.shape)} needs [B={q.shape[0]}, T_local, D={q.shape[3]}]")
     # The op checks need at least one key; an empty shard is checked as if it held one.
     stand_in = k_local if local_keys else k_local.new_zeros(batch, 1, dim)
     shape = check_indexer_inputs(OP, q, stand_in, w, key_start, key_end)
@@ -142,9 +145,9 @@ def _check_tiling(offsets: tuple[int, ...], sizes: tuple[int, ...], total: int) 
     cursor, previous = 0, None
     for start, end, rank in held:
         if start < cursor:
-            raise ValueError(f"{OP}: shards overlap: rank {previous} and rank {rank} both hold keys "
-                             f"[{start}, {min(cursor, end)}) (shards: {listing}); each key must "
-                             "live on exactly one rank")
+            raise ValueError(f"{OP}: shards overlap: rank {previous} and rank {rank} both hold "
+                             f"keys [{start}, {min(cursor, end)}) (shards: {listing}); each key "
+                             "must live on exactly one rank")
         if start > cursor:
             raise ValueError(f"{OP}: keys [{cursor}, {start}) are held by no rank (shards: "
                              f"{listing}); the shards must tile [0, total_keys={total})")

@@ -146,7 +146,7 @@ def assert_matches_single_device(case: ShardedCase, per_rank: list) -> tuple[int
     compared, rows in total)."""
     values, indices = per_rank[0]
     for rank, (v, i) in enumerate(per_rank[1:], start=1):
-        assert torch.equal(v, values) and torch.equal(i, indices), f"rank {rank} differs from rank 0"
+        assert torch.equal(v, values) and torch.equal(i, indices), f"rank {rank} differs from 0"
     ref_values, ref_indices = case.single_device()
     assert values.shape == ref_values.shape and values.dtype == torch.float32
     assert indices.dtype == torch.int64

@@ -121,17 +121,16 @@ def test_bfloat16_inputs_match_single_device(rank_pools):
 def test_communication_volume_follows_the_formula(rank_pools):
     """Bytes counted per step: agreement 8*17*W, block partials 4*W*B*D, router all-reduce
     4*B*S*H, candidate values 4*W*B*S*n_cand, selection merge 8*W*B*S*k_top."""
-    world, batch, queries, heads, dim, total = 2, 2, 3, 4, 5, 40
-    base = _fixed_case("misa_hier", [0, 17], [17, 23], total=total)
-    case = with_config(base, active_heads=2, candidates=12)
+    world = 2
+    case = with_config(_fixed_case("misa_hier", [0, 17], [17, 23], total=40), candidates=12)
+    batch, queries, heads, dim = case.q.shape
     answers = rank_pools(world).run(rank_tasks.run_sharded_counting_bytes, case.rank_kwargs())
     assert not any(a.error for a in answers), [a.error for a in answers]
     expected = {"shard agreement": 8 * 17 * world,
                 "router block partial sums": 4 * world * batch * dim,
-                "router scores": 4 * batch * 4 * heads,
-                "candidate threshold": 4 * world * batch * 4 * 12,
-                "selection merge": 8 * world * batch * 4 * 6}
-    del queries
+                "router scores": 4 * batch * queries * heads,
+                "candidate threshold": 4 * world * batch * queries * 12,
+                "selection merge": 8 * world * batch * queries * case.k_top}
     for answer in answers:
         assert answer.value == expected
 
