@@ -1,0 +1,227 @@
+"""Replace every proven DSA indexer site of an ATen graph by the misa ops of a MisaConfig.
+
+For each IndexerSite (find_indexers.py) the rewrite
+  1. rearranges the site's own q, k and weights into q [B,S,H,D], k [B,T,D], w [B,S,H] (a flat
+     [N,H,D] layout gets B=1; a missing query axis gets S=1), multiplying several weight factors;
+  2. turns the masks into the op's `mask` [B,S,T] (bool, True = visible; or additive float with
+     the positive scales applied after it), with causal=False: the mask carries the visibility;
+  3. emits the chain kernels/indexer.py's indexer_topk builds for the variant, with the positive
+     scale factors folded into `scale` (dense_topk when T is static and below config.min_keys);
+  4. puts the results back in the top-k's layout and dtypes (values cast to the score dtype,
+     indices int64) and hands them to the top-k's users;
+then removes the dead dense scores. Sites the matcher refused, and sites the configuration does
+not fit, are left as they are and reported."""
+from __future__ import annotations
+
+import operator
+from typing import Optional, Union
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from ..config import MisaConfig
+from ..report import SiteRecord, SiteReport
+from . import aten_ops as ops
+from . import reasons as R
+from .axis_labels import LayoutError, concrete, size_hint
+from .find_indexers import IndexerSite, SiteRefusal, find_indexer_sites
+from .graph_builder import Arranger, GraphBuilder
+
+aten = torch.ops.aten
+OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig) -> SiteReport:
+    """Finds, rewrites and reports every indexer site of `gm` (a GraphModule or its Graph, from
+    Dynamo/AOT or from torch.export(...).run_decompositions()). The graph is changed in place and
+    cleaned up (dead code, lint, recompile) only if a site was rewritten."""
+    if not isinstance(config, MisaConfig):
+        raise TypeError(f"config must be a MisaConfig, got {type(config).__name__}")
+    graph = gm.graph if isinstance(gm, GraphModule) else gm
+    report = SiteReport()
+    for match in find_indexer_sites(graph):
+        if isinstance(match, SiteRefusal):
+            report.add(_refused(match.name, match.reason, match.detail, match))
+            continue
+        report.add(_rewrite_site(graph, match, config))
+    if report.rewritten:
+        graph.eliminate_dead_code()
+        graph.lint()
+        owner = graph.owning_module
+        if isinstance(owner, GraphModule):
+            owner.recompile()
+    return report
+
+
+def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRecord:
+    k_top = site.k_top
+    k_check = k_top if isinstance(k_top, int) else size_hint(ops.val(k_top))
+    try:
+        config.check_site(site.heads, k_check)
+    except ValueError as error:
+        return _refused(site.name, R.CONFIG_MISMATCH, str(error), site)
+    keys = concrete(site.keys)
+    variant = config.variant
+    if keys is not None and keys < config.min_keys:
+        variant = "dense"
+    builder = GraphBuilder(graph, site.topk)
+    try:
+        _emit(builder, site, config, variant)
+    except LayoutError as error:
+        builder.undo()
+        return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"could not rearrange the operands: "
+                        f"{error}", site)
+    detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} scale={site.scale:.6g}"
+              + ("" if variant == config.variant else
+                 f"; T={keys} < min_keys={config.min_keys}: dense"))
+    return SiteRecord(site.name, "rewritten", "", detail, site.heads, _k_text(k_top),
+                      site.layout, _dtype_text(site.dtype), site.mask_kind, variant)
+
+
+def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant: str) -> None:
+    space = site.space
+    size_nodes: dict[int, Union[int, Node]] = {}
+
+    def size_of(label: int) -> Union[int, Node]:
+        size = space.size(label)
+        static = concrete(size)
+        if static is not None:
+            return static
+        if label not in size_nodes:
+            size_nodes[label] = _size_node(builder, site, label)
+        return size_nodes[label]
+
+    arrange = Arranger(builder, space, size_of)
+    b, s, h, d, t = site.batch, site.query, site.head, site.dim, site.key
+    q = _as_op_dtype(builder, arrange.to_canonical(*_picked(site, site.q), [b, s, h, d]))
+    k = _as_op_dtype(builder, arrange.to_canonical(*_picked(site, site.k), [b, t, d]))
+    w = None
+    for weight in site.weights:
+        factor = arrange.to_canonical(*_picked(site, weight), [b, s, h])
+        w = factor if w is None else builder.call(aten.mul.Tensor, w, factor)
+    w = _as_op_dtype(builder, builder.call(aten.expand.default, w,
+                                           [_size_or_one(size_of, x) for x in (b, s, h)]))
+    mask = _mask(builder, arrange, site, size_of)
+    values, indices = _indexer_chain(builder, q, k, w, site.k_top, site.scale, mask, config,
+                                     variant)
+
+    new_key = space.new(ops.val(site.k_top) if isinstance(site.k_top, Node) else site.k_top)
+    out_dims = [tuple(new_key if label == t else label for label in group)
+                for group in space.resolve_dims(site.score_dims)]
+    new_sizes = {new_key: site.k_top}
+    canonical = [b, s, new_key]
+    outputs = ops.getitem_users(site.topk)
+    if outputs.get(0):
+        result = arrange.from_canonical(values, canonical, out_dims, new_sizes)
+        if site.dtype != torch.float32:
+            result = builder.call(aten._to_copy.default, result, dtype=site.dtype)
+        for user in outputs[0]:
+            user.replace_all_uses_with(result)
+    if outputs.get(1):
+        result = arrange.from_canonical(indices, canonical, out_dims, new_sizes)
+        for user in outputs[1]:
+            user.replace_all_uses_with(result)
+
+
+def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):
+    """The ops kernels/indexer.py's indexer_topk calls for `variant`, as graph nodes."""
+    misa = torch.ops.misa
+    # causal=False and no key range: the mask (or its absence) is the site's whole visibility.
+    vis = (False, None, None, mask, config.query_chunk)
+    if variant == "dense":
+        out = builder.call(misa.dense_topk.default, q, k, w, k_top, scale, *vis)
+    elif variant == "hisa":
+        candidates = builder.call(misa.hisa_candidates.default, q, k, w, config.hisa_block,
+                                  config.hisa_blocks, *vis)
+        out = builder.call(misa.rerank_topk.default, q, k, w, candidates, k_top, scale, *vis)
+    else:
+        heads = builder.call(misa.route_heads.default, q, k, w, config.active_heads,
+                             config.block_size, config.router, *vis)
+        if variant == "misa":
+            out = builder.call(misa.routed_topk.default, q, k, w, heads, k_top, scale, *vis)
+        else:
+            routed = builder.call(misa.routed_topk.default, q, k, w, heads, config.candidates,
+                                  scale, *vis)
+            candidates = builder.call(operator.getitem, routed, 1)
+            out = builder.call(misa.rerank_topk.default, q, k, w, candidates, k_top, scale,
+                               *vis)
+    return builder.call(operator.getitem, out, 0), builder.call(operator.getitem, out, 1)
+
+
+def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite, size_of) -> Optional[Node]:
+    """The op's mask [B,S,T]: bool (True = visible) when every mask is boolean, else additive
+    float with the boolean ones applied as -inf."""
+    if not site.masks:
+        return None
+    b, s, t = site.batch, site.query, site.key
+    visible: Optional[Node] = None
+    bias: Optional[Node] = None
+    for mask in site.masks:
+        link = mask.operand.pick(site.space, negated=mask.invert)
+        node = arrange.to_canonical(link.node, link.dims, [b, s, t])
+        if mask.kind == "bool":
+            if link.negated != mask.invert:
+                node = builder.call(aten.bitwise_not.default, node)
+            visible = node if visible is None else builder.call(aten.bitwise_and.Tensor,
+                                                                 visible, node)
+        else:
+            if mask.factor != 1.0:
+                node = builder.call(aten.mul.Tensor, node, mask.factor)
+            bias = node if bias is None else builder.call(aten.add.Tensor, bias, node)
+    full = [_size_or_one(size_of, x) for x in (b, s, t)]
+    if bias is None:
+        return builder.call(aten.expand.default, visible, full)
+    bias = _as_op_dtype(builder, bias)
+    bias = builder.call(aten.expand.default, bias, full)
+    if visible is not None:
+        hidden = builder.call(aten.bitwise_not.default, visible)
+        bias = builder.call(aten.masked_fill.Scalar, bias, hidden, float("-inf"))
+    return bias
+
+
+def _picked(site: IndexerSite, operand):
+    link = operand.pick(site.space)
+    return link.node, link.dims
+
+
+def _size_or_one(size_of, label: Optional[int]):
+    return 1 if label is None else size_of(label)
+
+
+def _size_node(builder: GraphBuilder, site: IndexerSite, label: int) -> Node:
+    """A sym_size node for a symbolic label size, read off a tensor the site reads anyway."""
+    space = site.space
+    links = [op.pick(space) for op in site.operands] + [op.source for op in site.operands]
+    for link in links:
+        for dim, group in enumerate(space.resolve_dims(link.dims)):
+            if group == (label,):
+                return builder.call(aten.sym_size.int, link.node, dim)
+    raise LayoutError("no operand carries the axis alone, so its symbolic size is not at hand")
+
+
+def _as_op_dtype(builder: GraphBuilder, node: Node) -> Node:
+    dtype = ops.val(node).dtype
+    if dtype in OP_DTYPES or dtype == torch.bool:
+        return node
+    return builder.call(aten._to_copy.default, node, dtype=torch.float32)
+
+
+def _refused(name: str, reason: str, detail: str,
+             site: Union[IndexerSite, SiteRefusal, None]) -> SiteRecord:
+    if isinstance(site, IndexerSite):
+        info = dict(heads=site.heads, k_top=_k_text(site.k_top), layout=site.layout,
+                    dtype=_dtype_text(site.dtype), mask=site.mask_kind)
+    elif isinstance(site, SiteRefusal):
+        info = dict(heads=site.heads, k_top=site.k_top, layout=site.layout,
+                    dtype=_dtype_text(site.dtype), mask=site.mask)
+    else:
+        info = {}
+    return SiteRecord(name, "refused", reason, detail, **info)
+
+
+def _k_text(k_top):
+    return k_top if isinstance(k_top, int) else str(ops.val(k_top))
+
+
+def _dtype_text(dtype: Optional[torch.dtype]) -> str:
+    return "" if dtype is None else str(dtype).replace("torch.", "")
