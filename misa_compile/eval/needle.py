@@ -46,8 +46,8 @@ def needle_grid(settings: EvalSettings, specs: Sequence[VariantSpec], device: to
                 heads=settings.index_heads, dim=settings.head_dim,
                 seed=layer_seed(settings.seed + 1, keys, column), dtype=settings.dtype,
                 device=device,
-                needles=[NeedleSpec(depth=depth, queries=min(settings.needle_searchers,
-                                                             settings.needle_queries, keys))])
+                needle=NeedleSpec(depth=depth, queries=min(settings.needle_searchers,
+                                                           settings.needle_queries, keys)))
             needle = workload.needles[0]
             for spec in specs:
                 config: MisaConfig = spec.config_for(settings.k_top)

@@ -15,7 +15,7 @@ Random isotropic q/k/w make every router look bad: no head carries more signal t
 - Recency: local heads carry rotary (RoPE-like) components, so their score falls with the distance
   between query and key; a slow frequency spans the whole context, a faster one a local window.
 - Attention sink: the first keys share a sink direction that every head's queries lean towards.
-- Needles: a key planted at a chosen depth, aligned with one head's query direction for the
+- Needle: a key planted at a chosen depth (in every sequence of the batch), aligned with one head's query direction for the
   queries that look for it, scaled until it out-scores every other visible key by a margin for
   those queries (that head dominates the needle's score).
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +65,24 @@ class Structure:
     query_noise: float = 0.25
     needle_margin: float = 1.5
 
+    def __post_init__(self) -> None:
+        for name in ("negative_fraction", "local_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Structure.{name}={value}: must be in [0, 1]")
+        for name in ("important_weight", "segment_length", "recency_window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Structure.{name}={getattr(self, name)}: must be > 0")
+        for name in ("important_heads", "sink_keys"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Structure.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("weight_spread", "interest_boost", "key_noise", "query_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Structure.{name}={getattr(self, name)}: must be >= 0")
+        if not self.needle_margin > 1:
+            raise ValueError(f"Structure.needle_margin={self.needle_margin}: must be > 1 (the "
+                             "needle must out-score every other key)")
+
 
 @dataclass(frozen=True)
 class NeedleSpec:
@@ -102,16 +120,16 @@ class Workload:
 
 def make_workload(setting: str, *, batch: int = 1, queries: int, keys: int, heads: int, dim: int,
                   seed: int = 0, dtype: torch.dtype | str = torch.float32,
-                  device: torch.device | str = "cpu", needles: Sequence[NeedleSpec] = (),
+                  device: torch.device | str = "cpu", needle: Optional[NeedleSpec] = None,
                   structure: Structure = Structure()) -> Workload:
     """The named setting: "structured" (see the module docstring) or "isotropic" (plain randn)."""
     if setting == "structured":
         return structured_workload(batch=batch, queries=queries, keys=keys, heads=heads, dim=dim,
-                                   seed=seed, dtype=dtype, device=device, needles=needles,
+                                   seed=seed, dtype=dtype, device=device, needle=needle,
                                    structure=structure)
     if setting == "isotropic":
-        if needles:
-            raise ValueError("make_workload: needles need the 'structured' setting (an isotropic "
+        if needle is not None:
+            raise ValueError("make_workload: a needle needs the 'structured' setting (an isotropic "
                              "workload has no head directions to align a needle with)")
         return isotropic_workload(batch=batch, queries=queries, keys=keys, heads=heads, dim=dim,
                                   seed=seed, dtype=dtype, device=device)
@@ -134,10 +152,11 @@ def isotropic_workload(*, batch: int = 1, queries: int, keys: int, heads: int, d
 
 def structured_workload(*, batch: int = 1, queries: int, keys: int, heads: int, dim: int,
                         seed: int = 0, dtype: torch.dtype | str = torch.float32,
-                        device: torch.device | str = "cpu", needles: Sequence[NeedleSpec] = (),
+                        device: torch.device | str = "cpu", needle: Optional[NeedleSpec] = None,
                         structure: Structure = Structure()) -> Workload:
     """A workload with the structure of real indexers (module docstring). Generated in float32
-    on the CPU from `seed` (identical on every device), then moved to `device` and `dtype`."""
+    on the CPU from `seed` (identical on every device), then moved to `device` and `dtype`.
+    `needle` is planted once in every sequence of the batch (Workload.needles, one per row)."""
     _check_sizes(batch, queries, keys, heads, dim, minimum_dim=_MIN_STRUCTURED_DIM)
     dtype = _resolve_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -151,8 +170,9 @@ def structured_workload(*, batch: int = 1, queries: int, keys: int, heads: int, 
         qs.append(q_row)
         ws.append(w_row)
     q, k, w = torch.stack(qs), torch.stack(ks), torch.stack(ws)
-    planted = [_plant_needle(spec, b, q, k, w, basis, heads_info, structure, gen)
-               for b in range(batch) for spec in needles]
+    planted = ([] if needle is None else
+               [_plant_needle(needle, b, q, k, w, basis, heads_info, structure, gen)
+                for b in range(batch)])
     return Workload(q=q.to(device, dtype), k=k.to(device, dtype), w=w.to(device, dtype),
                     setting="structured", seed=seed, needles=planted)
 

@@ -21,7 +21,7 @@ HEADS, DIM = 16, 32
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.35, 0.5, 0.8, 1.0])
 def test_dominant_needle_is_always_retrieved_by_dense(keys, depth):
     wl = structured_workload(queries=4, keys=keys, heads=HEADS, dim=DIM, seed=keys + int(depth * 100),
-                             needles=[NeedleSpec(depth=depth, queries=2)])
+                             needle=NeedleSpec(depth=depth, queries=2))
     needle = wl.needles[0]
     assert needle.margin >= Structure().needle_margin
     assert needle.position == round(depth * (keys - 4 + 2))
@@ -38,9 +38,17 @@ def test_dominant_needle_is_always_retrieved_by_dense(keys, depth):
     assert bool((scores[0, rows].argmax(-1) == needle.position).all())
 
 
+def test_needle_is_planted_in_every_sequence_of_the_batch():
+    wl = structured_workload(batch=3, queries=4, keys=512, heads=HEADS, dim=DIM, seed=2,
+                             needle=NeedleSpec(depth=0.7))
+    assert [n.batch for n in wl.needles] == [0, 1, 2]
+    selection = indexer_topk(wl.q, wl.k, wl.w, 16, MisaConfig(variant="dense"))
+    assert all(retrieved_fraction(selection, n) == 1.0 for n in wl.needles)
+
+
 def test_needle_head_and_queries_are_respected():
     wl = structured_workload(queries=6, keys=512, heads=HEADS, dim=DIM, seed=1,
-                             needles=[NeedleSpec(depth=0.4, head=3, queries=3)])
+                             needle=NeedleSpec(depth=0.4, head=3, queries=3))
     needle = wl.needles[0]
     assert needle.head == 3 and needle.query_rows == (3, 4, 5)
 
@@ -52,12 +60,12 @@ def test_needle_head_and_queries_are_respected():
 ])
 def test_bad_needles_name_the_field(spec, fragment):
     with pytest.raises(ValueError, match=fragment):
-        structured_workload(queries=4, keys=64, heads=HEADS, dim=DIM, needles=[spec])
+        structured_workload(queries=4, keys=64, heads=HEADS, dim=DIM, needle=spec)
 
 
 def test_retrieved_fraction_ignores_padding_entries():
     wl = structured_workload(queries=2, keys=64, heads=4, dim=16, seed=0,
-                             needles=[NeedleSpec(depth=0.0, queries=2)])
+                             needle=NeedleSpec(depth=0.0, queries=2))
     needle = wl.needles[0]
     indices = torch.full((1, 2, 3), needle.position)
     values = torch.tensor([[[float("-inf")] * 3, [1.0, float("-inf"), float("-inf")]]])

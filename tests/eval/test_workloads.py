@@ -61,12 +61,22 @@ def test_bad_sizes_name_the_argument(kwargs, fragment):
         structured_workload(**args)
 
 
-def test_unknown_setting_and_isotropic_needles_are_refused():
+@pytest.mark.parametrize("field, value, fragment", [
+    ("local_fraction", 1.5, "Structure.local_fraction=1.5: must be in [0, 1]"),
+    ("segment_length", 0, "Structure.segment_length=0: must be > 0"),
+    ("needle_margin", 1.0, "Structure.needle_margin=1.0: must be > 1"),
+])
+def test_bad_structure_names_the_field(field, value, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):
+        Structure(**{field: value})
+
+
+def test_unknown_setting_and_isotropic_needle_are_refused():
     with pytest.raises(ValueError, match="setting='gaussian'; allowed"):
         make_workload("gaussian", queries=2, keys=8, heads=2, dim=8)
-    with pytest.raises(ValueError, match="needles need the 'structured' setting"):
+    with pytest.raises(ValueError, match="a needle needs the 'structured' setting"):
         make_workload("isotropic", queries=2, keys=8, heads=2, dim=8,
-                      needles=[NeedleSpec(depth=0.5)])
+                      needle=NeedleSpec(depth=0.5))
 
 
 def test_weights_are_signed_and_a_few_heads_dominate():
