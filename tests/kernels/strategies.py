@@ -92,8 +92,7 @@ def indexer_problems(draw, kinds=VISIBILITY_KINDS, dtype=torch.float32, max_batc
     elif kind == "bool_mask":
         mask = torch.rand(batch, queries, keys, generator=gen) < draw(st.sampled_from((0.3, 0.8)))
     elif kind == "additive_mask":
-        mask_dtype = dtype if dtype != torch.float64 else torch.float32
-        mask = _additive_mask((batch, queries, keys), mask_dtype, gen)
+        mask = _additive_mask((batch, queries, keys), dtype, gen)
     return IndexerProblem(
         q=q, k=k, w=w,
         k_top=draw(st.integers(1, keys + 2)),
@@ -194,7 +193,8 @@ def naive_hisa_block_scores(problem: IndexerProblem, block: int) -> torch.Tensor
     beta = torch.stack(columns, -1)
     for b in range(problem.batch):
         for i in range(problem.queries):
-            seen = [n for n in range(beta.shape[-1]) if visible[b, i, n * block:(n + 1) * block].any()]
+            seen = [n for n in range(beta.shape[-1])
+                    if visible[b, i, n * block:(n + 1) * block].any()]
             if seen:
                 beta[b, i, seen[0]] = beta[b, i, seen[-1]] = float("inf")
     return beta
@@ -228,8 +228,9 @@ def assert_valid_topk(indices: torch.Tensor, reference: torch.Tensor, k: int,
     if values is not None:
         same = gathered == values.double()  # also equal infinities, whose difference is NaN
         error = torch.where(chosen & ~same, (gathered - values.double()).abs(), 0.0)
-        assert (error <= tol).all(), (f"selected values differ from the reference scores by up to "
-                                      f"{error.max().item():.3g}\nvalues {values}\nreference {gathered}")
+        assert (error <= tol).all(), (
+            f"selected values differ from the reference scores by up to "
+            f"{error.max().item():.3g}\nvalues {values}\nreference {gathered}")
     counts = torch.zeros(indices.shape[:-1] + (size + 1,), dtype=torch.int64)
     counts.scatter_add_(-1, torch.where(chosen, indices.long(), size),
                         torch.ones_like(indices, dtype=torch.int64))
