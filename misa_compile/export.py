@@ -1,0 +1,158 @@
+"""Offline export: a torch.export program whose DSA indexer sites are rewritten into misa ops.
+
+    result = misa_compile.export(model, (input_ids,), config=MisaConfig(variant="misa"))
+    print(result.report)                      # what the graph pass rewrote or refused
+    result.save("model.pt2")                  # torch.export.save of result.program
+    program = misa_compile.load("model.pt2")  # registers the misa ops, then torch.export.load
+
+The program is built with torch.export.export, run_decompositions() (the ATen graph the pass is
+written for), then the same graph pass as the torch.compile backend, applied through
+ExportedProgram._transform_do_not_use so that the graph signature stays in sync and the program
+still saves and loads.
+
+A plain torch.export.load of a program holding misa ops fails unless misa_compile was imported
+first: torch raises "RuntimeError: We ran into an error when deserializing the saved file" and
+only its logged warning names the op it could not resolve. misa_compile.load imports the ops and,
+when a file still needs ops nobody registered, names them in its error."""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch.export import ExportedProgram
+
+from .config import MisaConfig
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportError(RuntimeError):
+    """The model could not be captured or rewritten into an exportable program."""
+
+
+class MissingOpsError(RuntimeError):
+    """A saved program needs custom ops that are not registered in this process."""
+
+
+@dataclass(frozen=True)
+class MisaExport:
+    """The result of misa_compile.export.
+
+    program: the rewritten torch.export.ExportedProgram (run it with program.module()(...)).
+    report:  the SiteReport of the graph pass: every indexer site, rewritten or refused and why.
+    config:  the MisaConfig the sites were rewritten with."""
+
+    program: ExportedProgram
+    report: Any
+    config: MisaConfig
+
+    def save(self, path: PathLike) -> None:
+        """torch.export.save of the program; load it back with misa_compile.load."""
+        torch.export.save(self.program, path)
+
+
+def export(model: torch.nn.Module, args: Any, kwargs: Optional[dict] = None, *,
+           config: MisaConfig = MisaConfig(), dynamic_shapes: Any = None,
+           strict: bool = False) -> MisaExport:
+    """Exports `model` called with `args` (a tensor or a tuple) and `kwargs`, with every DSA
+    indexer site rewritten as `config` says. `dynamic_shapes` and `strict` are passed to
+    torch.export.export unchanged. Raises ExportError when torch.export cannot capture the model."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"misa_compile.export: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(config, MisaConfig):
+        raise TypeError(f"misa_compile.export: config must be a MisaConfig, got "
+                        f"{type(config).__name__}")
+    args = args if isinstance(args, tuple) else (args,)
+    try:
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                      strict=strict)
+    except Exception as error:  # torch.export raises many unrelated types; all mean "not captured"
+        raise ExportError(
+            f"misa_compile.export: torch.export could not capture {type(model).__name__}: "
+            f"{_first_line(error)}\n(the model must be traceable by torch.export: no "
+            "data-dependent Python control flow or side effects; the torch error is chained "
+            "below)") from error
+    program = program.run_decompositions()
+    return _rewrite(program, config)
+
+
+def _rewrite(program: ExportedProgram, config: MisaConfig) -> MisaExport:
+    # Imported here: the graph pass pulls in the matcher, which only export and compile need.
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from .passes.rewrite_indexers import rewrite_indexer_sites
+
+    reports = []
+
+    def rewrite_pass(graph_module: torch.fx.GraphModule) -> PassResult:
+        report = rewrite_indexer_sites(graph_module, config)
+        reports.append(report)
+        return PassResult(graph_module, bool(report.rewritten))
+
+    program = program._transform_do_not_use(rewrite_pass)
+    return MisaExport(program=program, report=reports[0], config=config)
+
+
+def load(path: PathLike) -> ExportedProgram:
+    """torch.export.load with the misa ops registered. Raises MissingOpsError naming the ops when
+    the file needs custom ops that are not registered (saved by another misa_compile version, or
+    with another library's ops)."""
+    from . import kernels  # noqa: F401  (registers torch.ops.misa.*)
+
+    try:
+        return torch.export.load(path)
+    except RuntimeError as error:
+        missing = unresolved_ops(path)
+        if not missing:
+            raise
+        raise MissingOpsError(_missing_ops_message(path, missing)) from error
+
+
+def unresolved_ops(path: PathLike) -> list[str]:
+    """The custom ops ("namespace::name.overload") that a saved program calls and that are not
+    registered in this process."""
+    found: set[tuple[str, str, str]] = set()
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if member.endswith(".json"):
+                text = archive.read(member).decode("utf-8", errors="replace")
+                found.update(_OP_TARGET.findall(text))
+    return sorted(f"{ns}::{name}.{overload}" for ns, name, overload in found
+                  if not _is_registered(ns, name, overload))
+
+
+_OP_TARGET = re.compile(r"torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)")
+
+
+def _is_registered(namespace: str, name: str, overload: str) -> bool:
+    try:
+        getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _missing_ops_message(path: PathLike, missing: list[str]) -> str:
+    from . import __version__
+
+    ours = [op for op in missing if op.startswith("misa::")]
+    others = [op for op in missing if not op.startswith("misa::")]
+    lines = [f"misa_compile.load: {os.fspath(path)} calls custom ops that are not registered in "
+             "this process:"]
+    if ours:
+        lines.append(f"  {', '.join(ours)}: not provided by misa_compile {__version__}; the file "
+                     "was saved by another misa_compile version, load it with that version")
+    if others:
+        lines.append(f"  {', '.join(others)}: import the library that defines them before "
+                     "loading")
+    return "\n".join(lines)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,136 @@
+"""misa_compile.to_onnx: a model, or a rewritten ExportedProgram, as an ONNX model whose misa ops
+are standard ONNX operators (misa_compile/onnx_ops.py), ready for ONNX Runtime or TensorRT's ONNX
+parser with no plugin; or, with custom_domain=True, one "misa"-domain node per op for runtimes that
+bring the kernels as plugins.
+
+    model_proto = misa_compile.to_onnx(model, (input_ids,), "model.onnx",
+                                       config=MisaConfig(variant="misa"))
+
+Before translating, every misa op is checked against what the target can express: TopK's K is a
+constant per site, and `topk_limit` (3840 for TensorRT) caps it. A site over the cap is refused
+with an UnsupportedOnnxSite error naming the site and the rule."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional, Union
+
+import onnx
+import torch
+from torch.export import ExportedProgram
+
+from .config import MisaConfig
+from .export import MisaExport, _first_line, export
+
+TENSORRT_TOPK_LIMIT = 3840
+
+
+class UnsupportedOnnxSite(ValueError):
+    """A misa op whose configuration the ONNX translation (or the chosen TopK limit) cannot
+    express."""
+
+
+class OnnxExportError(RuntimeError):
+    """torch.onnx.export failed on the rewritten program."""
+
+
+def to_onnx(model_or_program: Union[torch.nn.Module, ExportedProgram, MisaExport],
+            args: Any = (), path: Optional[Union[str, os.PathLike]] = None, *,
+            kwargs: Optional[dict] = None, config: MisaConfig = MisaConfig(),
+            dynamic_shapes: Any = None, custom_domain: bool = False,
+            topk_limit: Optional[int] = None,
+            opset_version: Optional[int] = None) -> onnx.ModelProto:
+    """The ONNX model of `model_or_program`, also written to `path` when given.
+
+    An nn.Module is first exported and rewritten by misa_compile.export(model, args, kwargs,
+    config=config, dynamic_shapes=dynamic_shapes); an ExportedProgram (or MisaExport) is used as
+    it is. dynamic_shapes also names the ONNX model's dynamic axes. topk_limit caps the constant K
+    of every TopK the misa ops need (TENSORRT_TOPK_LIMIT for TensorRT); None means no cap."""
+    if topk_limit is not None and (isinstance(topk_limit, bool) or not isinstance(topk_limit, int)
+                                   or topk_limit < 1):
+        raise ValueError(f"to_onnx: topk_limit={topk_limit!r}; must be an int >= 1 or None")
+    if isinstance(model_or_program, MisaExport):
+        program = model_or_program.program
+    elif isinstance(model_or_program, ExportedProgram):
+        program = model_or_program
+    elif isinstance(model_or_program, torch.nn.Module):
+        program = export(model_or_program, args, kwargs, config=config,
+                         dynamic_shapes=dynamic_shapes).program
+    else:
+        raise TypeError("to_onnx: model_or_program must be an nn.Module, an ExportedProgram or a "
+                        f"MisaExport, got {type(model_or_program).__name__}")
+    check_onnx_sites(program, topk_limit)
+
+    from .onnx_ops import translation_table
+
+    try:
+        onnx_program = torch.onnx.export(
+            program, (), dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translation_table(custom_domain),
+            opset_version=opset_version)
+    except Exception as error:  # the exporter's own error types vary between torch versions
+        raise OnnxExportError(f"to_onnx: torch.onnx.export failed: {_first_line(error)}") \
+            from error
+    if path is not None:
+        onnx_program.save(os.fspath(path))
+    return onnx_program.model_proto
+
+
+def check_onnx_sites(program: ExportedProgram, topk_limit: Optional[int] = None) -> None:
+    """Raises UnsupportedOnnxSite for the first misa op whose constant TopK K exceeds topk_limit."""
+    if topk_limit is None:
+        return
+    for node, site, k, rule in _topk_sizes(program):
+        if k > topk_limit:
+            raise UnsupportedOnnxSite(
+                f"to_onnx: site {site} ({node.target.name()}) needs TopK with k={k} ({rule}), "
+                f"above topk_limit={topk_limit} (TensorRT's TopK accepts a constant k <= "
+                f"{TENSORRT_TOPK_LIMIT}); lower that MisaConfig field or export without "
+                "topk_limit for ONNX Runtime")
+
+
+def _topk_sizes(program: ExportedProgram) -> Iterator[tuple[torch.fx.Node, str, int, str]]:
+    """(node, site name, constant K, which argument sets it) of every misa op in the program.
+    K is what onnx_ops emits: min(n, T) when the key count T is static, else n itself."""
+    ops = torch.ops.misa
+    for node in program.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "misa":
+            continue
+        args = _bound_args(node)
+        keys = _static_keys(args["k"])
+        packet = node.target._overloadpacket
+        if packet in (ops.dense_topk, ops.routed_topk, ops.rerank_topk):
+            k_top = args["k_top"]
+            k = min(k_top, keys) if keys is not None else k_top
+            rule = "k_top, the keys selected per query (MisaConfig.candidates for the routed " \
+                   "pass of misa_hier)"
+        elif packet is ops.route_heads:
+            k, rule = args["active_heads"], "MisaConfig.active_heads"
+        elif packet is ops.hisa_candidates:
+            blocks, block = args["num_blocks"], args["block_size"]
+            k = min(blocks, -(-keys // block)) if keys is not None else blocks
+            rule = "MisaConfig.hisa_blocks"
+        else:
+            continue
+        yield node, _site_name(node), k, rule
+
+
+def _bound_args(node: torch.fx.Node) -> dict[str, Any]:
+    schema = node.target._schema
+    bound = {arg.name: arg.default_value for arg in schema.arguments if arg.has_default_value()}
+    bound.update(zip((arg.name for arg in schema.arguments), node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _static_keys(k_node: Any) -> Optional[int]:
+    value = k_node.meta.get("val") if isinstance(k_node, torch.fx.Node) else None
+    if value is None:
+        return None
+    keys = value.shape[1]
+    return keys if isinstance(keys, int) else None
+
+
+def _site_name(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path]
+    return f"{paths[-1]}:{node.name}" if paths else node.name
