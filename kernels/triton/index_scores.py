@@ -86,7 +86,9 @@ def index_scores_kernel(
                 q_j = tl.load(q_rows + j * stride_qh, mask=q_mask, other=0.0)
                 w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0)
             logits = tl.dot(q_j.to(DOT_DTYPE), k_t, input_precision=PRECISION)
-            acc += w_j.to(tl.float32)[:, None] * tl.maximum(logits, 0.0)
+            # ReLU that keeps NaN (as torch.relu does): a NaN score is then hidden below.
+            relu = tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            acc += w_j.to(tl.float32)[:, None] * relu
         scores = acc * scale
         # NaN never wins a selection: it ranks with the hidden keys.
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))

@@ -86,7 +86,8 @@ def query_scores_kernel(
                          + d[None, :] * stride_kd, mask=visible[:, None] & d_ok[None, :],
                          other=0.0).to(DOT_DTYPE)
         logits = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
-        scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0), axis=0) * scale
+        scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL),
+                        axis=0) * scale
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         tl.store(out_row + cols, scores, mask=col_ok)
 

@@ -90,7 +90,8 @@ def route_heads_kernel(
             first = blocks * block
             visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
                        & (blocks < n_blocks)[None, :])
-            r_j += tl.sum(tl.where(visible, tl.maximum(per_block, 0.0), 0.0), axis=1)
+            relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            r_j += tl.sum(tl.where(visible, relu, 0.0), axis=1)
         w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0).to(tl.float32)
         r_j = tl.abs(w_j) * r_j
         r_j = tl.where(r_j == r_j, r_j, float("-inf"))
