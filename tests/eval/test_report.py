@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from misa_compile import cli
 from misa_compile.config import MisaConfig
