@@ -18,9 +18,12 @@ class Measurement:
     peak_bytes: int    # extra memory at the high-water mark of one call
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> Measurement:
-    """Runs `fn` once to warm up, then times `repeats` calls and measures one call's peak memory."""
-    fn()
+def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3,
+            warmup: bool = True) -> Measurement:
+    """Runs `fn` once to warm up (unless the caller just did), then times `repeats` calls and
+    measures one call's peak memory."""
+    if warmup:
+        fn()
     if device.type == "cuda":
         return _measure_cuda(fn, repeats)
     times = []
