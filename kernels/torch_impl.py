@@ -39,14 +39,30 @@ def dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk):
     indices = torch.empty(batch, queries, top, dtype=torch.int64, device=q.device)
     k32 = k.float()
     for rows in query_chunks(queries, batch * heads * keys, chunk):
-        logits = torch.einsum("bchd,btd->bcht", q[:, rows].float(), k32).relu_()
-        scores = torch.einsum("bcht,bch->bct", logits, w[:, rows].float())
-        del logits
+        scores = _all_key_scores(q[:, rows], k32, w[:, rows])
         visible, bias = chunk_visibility(rows, batch, queries, keys, q.device, causal,
                                          key_start, key_end, mask)
         scores = _finish_scores(scores, visible, bias, scale)
         values[:, rows], indices[:, rows] = scores.topk(top, dim=-1)
     return values, indices
+
+
+def _all_key_scores(q_rows, k32, w_rows):
+    """sum_j w[.,j] * ReLU(q[.,j] . k) for every key: [B, c, T] fp32 (one GEMM per chunk)."""
+    logits = torch.einsum("bchd,btd->bcht", q_rows.float(), k32).relu_()
+    return torch.einsum("bcht,bch->bct", logits, w_rows.float())
+
+
+def _candidate_scores(q_rows, k32, w_rows, safe, gather_keys):
+    """The index score of each candidate key [B, c, C]. With many candidates (gather_keys False)
+    scoring every key with one GEMM and picking the candidates' scores is faster than gathering
+    a [B, c, C, D] block of keys per query."""
+    if not gather_keys:
+        return _all_key_scores(q_rows, k32, w_rows).gather(-1, safe)
+    batch_ids = torch.arange(k32.shape[0], device=k32.device)[:, None, None]
+    cand_keys = k32[batch_ids, safe]  # [B, c, C, D]
+    logits = torch.einsum("bchd,bcnd->bchn", q_rows.float(), cand_keys).relu_()
+    return torch.einsum("bchn,bch->bcn", logits, w_rows.float())
 
 
 def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask, chunk):
@@ -91,15 +107,13 @@ def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, m
     indices = torch.zeros(batch, queries, top, dtype=torch.int64, device=q.device)
     taken = min(top, width)
     k32 = k.float()
-    batch_ids = torch.arange(batch, device=q.device)[:, None, None]
-    for rows in query_chunks(queries, batch * width * (heads + dim) + batch * keys, chunk):
+    gather_keys = 2 * width < keys
+    per_query = width * (heads + dim) if gather_keys else heads * keys
+    for rows in query_chunks(queries, batch * (per_query + keys), chunk):
         cand = candidates[:, rows].long()
         valid = (cand >= 0) & (cand < keys)
         safe = cand.clamp(0, keys - 1)
-        cand_keys = k32[batch_ids, safe]  # [B, c, C, D]
-        logits = torch.einsum("bchd,bcnd->bchn", q[:, rows].float(), cand_keys).relu_()
-        scores = torch.einsum("bchn,bch->bcn", logits, w[:, rows].float())
-        del logits, cand_keys
+        scores = _candidate_scores(q[:, rows], k32, w[:, rows], safe, gather_keys)
         visible, bias = chunk_visibility(rows, batch, queries, keys, q.device, causal,
                                          key_start, key_end, mask)
         cand_visible = visible.gather(-1, safe) & valid
