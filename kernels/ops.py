@@ -38,7 +38,8 @@ def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
                key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                chunk: int = 0) -> tuple[Tensor, Tensor]:
     """The DSA lightning indexer with all H heads, then top-k over the visible keys."""
-    check_indexer_inputs("misa.dense_topk", q, k, w, key_start, key_end, mask)
+    check_indexer_inputs("misa.dense_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk)
     check_positive_int("misa.dense_topk", "k_top", k_top)
     check_scale("misa.dense_topk", scale)
     return torch_impl.dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk)
@@ -58,7 +59,8 @@ def route_heads(q: Tensor, k: Tensor, w: Tensor, active_heads: int, block_size: 
                 chunk: int = 0) -> Tensor:
     """The MISA router: per query, the `active_heads` heads with the largest
     |w| * sum over visible key blocks of ReLU(q . mean key of the block). int64 [B,S,h]."""
-    shape = check_indexer_inputs("misa.route_heads", q, k, w, key_start, key_end, mask)
+    shape = check_indexer_inputs("misa.route_heads", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk)
     check_positive_int("misa.route_heads", "active_heads", active_heads, shape.heads)
     check_positive_int("misa.route_heads", "block_size", block_size)
     if router not in _ROUTERS:
@@ -82,7 +84,8 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
                 chunk: int = 0) -> tuple[Tensor, Tensor]:
     """MISA sparse scoring + selection: the index score summed over each query's routed heads
     only (original signed weights), then top-k."""
-    shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask)
+    shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk)
     check_same_device("misa.routed_topk", q, heads=heads)
     check_index_tensor("misa.routed_topk", "heads", heads, shape)
     check_positive_int("misa.routed_topk", "k_top", k_top)
@@ -108,7 +111,8 @@ def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
                 chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Exact all-head index scores of candidate keys [B,S,C] only, then top-k among them.
     Candidates outside [0, T) (e.g. -1) are ignored; C < k_top pads with -inf."""
-    shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask)
+    shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk)
     check_same_device("misa.rerank_topk", q, candidates=candidates)
     check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
     check_positive_int("misa.rerank_topk", "k_top", k_top)
@@ -132,7 +136,8 @@ def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
                     mask: Optional[Tensor] = None, chunk: int = 0) -> Tensor:
     """HISA's block filter: key indices of the first and last visible block plus the top blocks
     by all-head signed block score; int64 [B,S,min(m, ceil(T/block))*block], -1 past T."""
-    check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask)
+    check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk)
     check_positive_int("misa.hisa_candidates", "block_size", block_size)
     check_positive_int("misa.hisa_candidates", "num_blocks", num_blocks)
     return torch_impl.hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end,

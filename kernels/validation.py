@@ -30,6 +30,8 @@ def check_indexer_inputs(
     key_end: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     *,
+    causal: bool = False,
+    chunk: int = 0,
     extra_dtypes: tuple = (),
 ) -> IndexerShape:
     """Checks the canonical layout q [B,S,H,D], k [B,T,D], w [B,S,H] and the visibility inputs."""
@@ -42,6 +44,13 @@ def check_indexer_inputs(
         if size == 0:
             raise ValueError(f"{op}: empty input, {name}=0 (q {tuple(q.shape)}, k {tuple(k.shape)}); "
                              "every size must be >= 1")
+    if causal and keys < queries:
+        raise ValueError(f"{op}: causal=True needs T >= S (the S queries are the last S of the T "
+                         f"keys), got S={queries}, T={keys}; pass causal=False with key ranges or "
+                         "a mask for other layouts")
+    if chunk < 0:
+        raise ValueError(f"{op}: chunk={chunk}; allowed: 0 (automatic) or a positive number of "
+                         "queries")
     if k.shape[0] != batch or k.shape[2] != dim:
         raise ValueError(f"{op}: k has shape {tuple(k.shape)} but q {tuple(q.shape)} needs "
                          f"k of shape [B={batch}, T, D={dim}]")
