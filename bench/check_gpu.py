@@ -184,40 +184,43 @@ def check_topk_alone(name, rows, T, k_top=2048, ties=False, seed=6):
            extra_ok=exact_values and gathered and distinct)
 
 
+def check_misa():
+    state = check_routed("misa 1024x65536", 1, 1024, 65536)
+    check_rerank("misa_hier rerank 1024x65536", *state)
+    check_routed("misa ragged B=2 256x70001", 2, 256, 70001, ragged=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="run the checks whose name contains this")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    cases = [
-        lambda: check_topk_alone("topk alone 512x65536", 512, 65536),
-        lambda: check_topk_alone("topk alone ties 256x70001", 256, 70001, ties=True),
-        lambda: check_dense("dense 1024x65536 causal", 1, 1024, 65536),
-        lambda: check_dense("dense ragged B=3 300x70001", 3, 300, 70001, causal=False, ragged=True),
-        lambda: check_dense("dense H=32 512x16384", 1, 512, 16384, heads=32),
-        lambda: check_dense("dense T<k_top 64x1500", 2, 64, 1500),
-        lambda: check_dense("dense full causal 5000", 1, 5000, 5000),
-        lambda: check_nan("dense NaN inputs"),
-        lambda: check_decode("decode dense B=8 T=70001", 8, 70001),
-        lambda: check_decode("decode routed B=8 T=70001", 8, 70001, active=8),
-        lambda: check_hisa("hisa 512x65536", 1, 512, 65536),
+    named = [
+        ("topk", lambda: check_topk_alone("topk alone 512x65536", 512, 65536)),
+        ("topk ties", lambda: check_topk_alone("topk alone ties 256x70001", 256, 70001, ties=True)),
+        ("dense", lambda: check_dense("dense 1024x65536 causal", 1, 1024, 65536)),
+        ("dense ragged", lambda: check_dense("dense ragged B=3 300x70001", 3, 300, 70001,
+                                             causal=False, ragged=True)),
+        ("dense H32", lambda: check_dense("dense H=32 512x16384", 1, 512, 16384, heads=32)),
+        ("dense short", lambda: check_dense("dense T<k_top 64x1500", 2, 64, 1500)),
+        ("dense causal", lambda: check_dense("dense full causal 5000", 1, 5000, 5000)),
+        ("NaN", lambda: check_nan("dense NaN inputs")),
+        ("decode", lambda: check_decode("decode dense B=8 T=70001", 8, 70001)),
+        ("decode routed", lambda: check_decode("decode routed B=8 T=70001", 8, 70001, active=8)),
+        ("hisa", lambda: check_hisa("hisa 512x65536", 1, 512, 65536)),
+        ("misa", lambda: check_misa()),
     ]
-    for case in cases:
+    for key, case in named:
+        if args.only and args.only not in key:
+            continue
         try:
             case()
         except Exception as error:  # a crash is a failed check; keep checking the rest
             import traceback
             traceback.print_exc()
-            results.append(dict(name=str(case), ok=False, error=repr(error)))
+            results.append(dict(name=key, ok=False, error=repr(error)))
             print(f"FAIL {error!r}", flush=True)
-    try:
-        state = check_routed("misa 1024x65536", 1, 1024, 65536)
-        check_rerank("misa_hier rerank 1024x65536", *state)
-        check_routed("misa ragged B=2 256x70001", 2, 256, 70001, ragged=True)
-    except Exception as error:
-        import traceback
-        traceback.print_exc()
-        results.append(dict(name="misa", ok=False, error=repr(error)))
     failed = [r["name"] for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)}/{len(results)} checks passed" +
           (f"; failed: {failed}" if failed else ""), flush=True)

@@ -52,8 +52,8 @@ def main():
         out[f"topk.candidate_topk warps={warps}"] = ms(run)
         sample = x[..., :plan.n_sample].contiguous()
         out[f"topk.threshold_contig warps={warps}"] = ms(lambda w=warps: st.sample_threshold_kernel[(rows,)](
-            sample, lo, rows, plan.n_sample, plan.rank, 0, plan.n_sample, 1,
-            BLOCK=plan.n_sample, num_warps=w))
+            sample, lo, rows, plan.n_sample, plan.n_sample, plan.rank, 1, 0, plan.n_sample, 1,
+            RUN=1, BLOCK=plan.n_sample, num_warps=w))
     out["torch.topk"] = ms(lambda: x.topk(K, dim=-1, sorted=False))
     out["read 2 GiB (sum)"] = ms(lambda: x.sum())
     del x, cand_val, cand_idx

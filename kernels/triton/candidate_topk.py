@@ -95,7 +95,8 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                          f"in-register limit of {MAX_ROW}")
     dummy = values
     istr = ids.stride() if ids is not None else (0, 0, 0)
-    num_warps = max(4, min(16, block // 512))
+    # 4 warps for 4096 entries measured fastest on an H200 (latency of the 32 count rounds).
+    num_warps = max(4, min(16, block // 1024))
     candidate_topk_kernel[(batch * rows,)](
         values, ids if ids is not None else dummy, count if count is not None else dummy,
         lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,

@@ -64,22 +64,28 @@ def visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total
 
 @triton.jit
 def append_candidates(scores, key_ids, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
-                      cand_idx_ptr, CAP: tl.constexpr):
+                      cand_idx_ptr, CAP: tl.constexpr, PER_ELEMENT: tl.constexpr):
     """Appends the entries of a [M, N] score tile that are finite and >= lo[row] to per-row
-    candidate lists (values fp32, key ids int32) of capacity CAP. One atomic per row reserves the
-    slots; positions inside the tile come from a prefix sum. Counts keep growing past CAP so
-    that the consumer can detect overflow."""
+    candidate lists (values fp32, key ids int32) of capacity CAP. Counts keep growing past CAP
+    so that the consumer can detect overflow. Two ways to reserve slots (the autotuner picks):
+    one atomic per row and a prefix sum across the tile, or one atomic per kept entry (few
+    entries pass the threshold, and it needs no cross-thread scan)."""
     take = (scores >= lo[:, None]) & (scores > float("-inf")) & row_ok[:, None] & col_ok[None, :]
-    take_i = take.to(tl.int32)
-    per_row = tl.sum(take_i, axis=1)
-    base = tl.atomic_add(count_ptr + flat_rows, per_row, mask=row_ok & (per_row > 0),
-                         sem="relaxed")
-    slot = base[:, None] + tl.cumsum(take_i, axis=1) - 1
+    if PER_ELEMENT:
+        counters = tl.broadcast_to((count_ptr + flat_rows)[:, None], scores.shape)
+        slot = tl.atomic_add(counters, 1, mask=take, sem="relaxed")
+    else:
+        take_i = take.to(tl.int32)
+        per_row = tl.sum(take_i, axis=1)
+        base = tl.atomic_add(count_ptr + flat_rows, per_row, mask=row_ok & (per_row > 0),
+                             sem="relaxed")
+        slot = base[:, None] + tl.cumsum(take_i, axis=1) - 1
     keep = take & (slot < CAP)
-    offsets = flat_rows.to(tl.int64)[:, None] * CAP + slot
-    tl.store(cand_val_ptr + offsets, scores, mask=keep)
+    row_val = cand_val_ptr + flat_rows.to(tl.int64) * CAP
+    row_idx = cand_idx_ptr + flat_rows.to(tl.int64) * CAP
+    tl.store(row_val[:, None] + slot, scores, mask=keep)
     ids = tl.broadcast_to(key_ids[None, :], scores.shape).to(tl.int32)
-    tl.store(cand_idx_ptr + offsets, ids, mask=keep)
+    tl.store(row_idx[:, None] + slot, ids, mask=keep)
 
 
 def next_pow2(n: int) -> int:

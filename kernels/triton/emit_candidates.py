@@ -13,7 +13,8 @@ from .common import INTERPRET, append_candidates
 @triton.jit
 def emit_candidates_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr,
                            rows_per_batch, n_cols, stride_b, stride_r,
-                           CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PER_ELEMENT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2)
@@ -27,7 +28,18 @@ def emit_candidates_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_pt
     flat_rows = b * rows_per_batch + local
     lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
     append_candidates(scores, cols, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
-                      cand_idx_ptr, CAP)
+                      cand_idx_ptr, CAP, PER_ELEMENT)
+
+
+def _reset_count(kwargs, reset_only=False):
+    kwargs["count_ptr"].zero_()
+
+
+_tuned_kernel = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PER_ELEMENT": p}, num_warps=8)
+             for m, n in ((8, 1024), (16, 512)) for p in (False, True)],
+    key=["CAP"], pre_hook=_reset_count,
+)(emit_candidates_kernel)
 
 
 def emit_candidates(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
@@ -35,8 +47,14 @@ def emit_candidates(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
     """src [B, R, n] fp32 (unit column stride); lo, count [B*R]; cand_* [B*R, CAP]."""
     batch, rows, n_cols = src.shape
     assert src.stride(-1) == 1
-    block_m, block_n, warps = (16, 16, 1) if INTERPRET else (8, 1024, 8)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_cols, block_n), batch)
-    emit_candidates_kernel[grid](src, lo, cand_val, cand_idx, count, rows, n_cols,
-                                 src.stride(0), src.stride(1), CAP=cand_val.shape[1],
-                                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    args = (src, lo, cand_val, cand_idx, count, rows, n_cols, src.stride(0), src.stride(1))
+    if INTERPRET:
+        grid = (triton.cdiv(rows, 16), triton.cdiv(n_cols, 16), batch)
+        emit_candidates_kernel[grid](*args, CAP=cand_val.shape[1], BLOCK_M=16, BLOCK_N=16,
+                                     num_warps=1)
+        return
+
+    def grid(m):
+        return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
+
+    _tuned_kernel[grid](*args, CAP=cand_val.shape[1])

@@ -45,6 +45,7 @@ def index_scores_kernel(
     FORCE_ENDS: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_ELEMENT: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,7 +101,7 @@ def index_scores_kernel(
         if MODE == 1:
             row_lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
             append_candidates(scores, key_rows, flat_rows, row_ok, col_ok, row_lo, count_ptr,
-                              out_ptr, cand_idx_ptr, CAP)
+                              out_ptr, cand_idx_ptr, CAP, PER_ELEMENT)
     else:
         scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     if MODE == 0:
@@ -116,14 +117,24 @@ def _reset_count(kwargs, reset_only=False):
 
 # Autotuned per (head slots, head dim, mode, routing, operand dtype). 64 x 128 tiles keep the
 # two fp32 accumulators of a tile in one warpgroup's registers; 128 x 128 and 64 x 256 halve
-# the reloads of the per-head query tiles (which come from L2) per key.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_warps=8, num_stages=3),
-]
+# the reloads of the per-head query tiles (which come from L2) per key. EMIT also tries both
+# ways of reserving candidate slots.
+_TILES = [({"BLOCK_M": 64, "BLOCK_N": 128}, 4), ({"BLOCK_M": 128, "BLOCK_N": 128}, 8),
+          ({"BLOCK_M": 64, "BLOCK_N": 256}, 8)]
+_CONFIGS = [triton.Config({**tile, "PER_ELEMENT": per_element}, num_warps=warps, num_stages=3)
+            for tile, warps in _TILES for per_element in (False, True)]
+
+
+def _prune(configs, named_args, **kwargs):
+    # The slot reservation only exists in EMIT mode: FULL compiles one variant per tile.
+    if kwargs.get("MODE", named_args.get("MODE")) == MODE_EMIT:
+        return configs
+    return [c for c in configs if not c.kwargs["PER_ELEMENT"]]
+
+
 _tuned_kernel = triton.autotune(
     configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "ROUTED", "KEY_BLOCK"], pre_hook=_reset_count,
+    prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)
 
 

@@ -60,8 +60,7 @@ def topk_rows(scores: torch.Tensor, k_top: int, out_values: torch.Tensor,
     batch, rows, n_keys = scores.shape
     plan = plan_selection(k_top, n_keys)
     if plan is None:
-        values, indices = torch.nan_to_num(scores, nan=float("-inf")).topk(k_top, dim=-1,
-                                                                            sorted=False)
+        values, indices = _hide_nan(scores).topk(k_top, dim=-1, sorted=False)
         out_values.copy_(values)
         out_indices.copy_(indices)
         return
@@ -81,7 +80,12 @@ def topk_rows(scores: torch.Tensor, k_top: int, out_values: torch.Tensor,
                    tail_base=tail_base, flags=flags)
     bad = flags.view(batch, rows).nonzero()
     if bad.numel():
-        redo = torch.nan_to_num(scores[bad[:, 0], bad[:, 1]], nan=float("-inf"))
+        redo = _hide_nan(scores[bad[:, 0], bad[:, 1]])
         values, indices = redo.topk(k_top, dim=-1, sorted=False)
         out_values[bad[:, 0], bad[:, 1]] = values
         out_indices[bad[:, 0], bad[:, 1]] = indices
+
+
+def _hide_nan(scores: torch.Tensor) -> torch.Tensor:
+    # NaN ranks with the hidden keys (torch.nan_to_num would also turn -inf into a finite value).
+    return scores.masked_fill(scores.isnan(), float("-inf"))

@@ -20,15 +20,19 @@ MAX_SAMPLE = 8192
 
 
 @triton.jit
-def sample_threshold_kernel(src_ptr, lo_ptr, rows_per_batch, n_sample, rank,
-                            stride_b, stride_r, stride_c, BLOCK: tl.constexpr):
+def sample_threshold_kernel(src_ptr, lo_ptr, rows_per_batch, n_sample, n_cols, rank, run_step,
+                            stride_b, stride_r, stride_c, RUN: tl.constexpr,
+                            BLOCK: tl.constexpr):
     r = tl.program_id(0)
     b = r // rows_per_batch
     i = r % rows_per_batch
     slots = tl.arange(0, BLOCK)
-    valid = slots < n_sample
+    # Sample j is column (j // RUN) * run_step + j % RUN: runs of RUN adjacent columns (whole
+    # memory sectors) spread evenly over the row.
+    cols = (slots // RUN) * run_step + slots % RUN
+    valid = (slots < n_sample) & (cols < n_cols)
     values = tl.load(src_ptr + b.to(tl.int64) * stride_b + i.to(tl.int64) * stride_r
-                     + slots.to(tl.int64) * stride_c, mask=valid, other=float("-inf"))
+                     + cols.to(tl.int64) * stride_c, mask=valid, other=float("-inf"))
     values = tl.where(values == values, values, float("-inf"))
     keys = tl.where(valid, ordered_key(values), 0)
     threshold = kth_largest_key(keys, rank)
@@ -45,13 +49,15 @@ def sample_rank(k_top: int, key_stride: int) -> int:
 
 def sample_threshold(src: torch.Tensor, rank: int, n_sample: int, lo: torch.Tensor,
                      column_stride: int = 1) -> None:
-    """lo [B*R] fp32 <- rank-th largest of src[b, r, j * column_stride] for j < n_sample, for
-    src [B, R, >=...] (any strides)."""
+    """lo [B*R] fp32 <- rank-th largest of n_sample entries of each row of src [B, R, n] (any
+    strides): all of them when column_stride is 1, else 1 in column_stride taken as runs of
+    32 adjacent columns (a full memory sector each, instead of one float per sector)."""
     batch, rows = src.shape[:2]
     block = next_pow2(max(n_sample, 16))
     if block > MAX_SAMPLE:
         raise ValueError(f"sample_threshold: {n_sample} samples exceed the limit {MAX_SAMPLE}")
     num_warps = max(4, min(16, block // 512))
+    run = 1 if column_stride == 1 else 32
     sample_threshold_kernel[(batch * rows,)](
-        src, lo, rows, n_sample, rank, src.stride(0), src.stride(1),
-        src.stride(2) * column_stride, BLOCK=block, num_warps=num_warps)
+        src, lo, rows, n_sample, src.shape[2], rank, run * column_stride, src.stride(0),
+        src.stride(1), src.stride(2), RUN=run, BLOCK=block, num_warps=num_warps)

@@ -1,0 +1,194 @@
+"""Every Triton kernel of the misa ops run by Triton's CPU interpreter (TRITON_INTERPRET=1, set
+by the root conftest) on tiny fp32/fp16 inputs, against the float64 references. Selections are
+compared by the reference scores of the chosen keys, never by index order (ties are
+unspecified). Grids are kept to a few dozen programs: the interpreter costs milliseconds each."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misa_compile.kernels import reference, torch_impl
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU interpreter tests (the GPU has tests/gpu)")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+
+    from misa_compile.kernels.triton.candidate_topk import candidate_topk
+    from misa_compile.kernels.triton.emit_candidates import emit_candidates_kernel
+    from misa_compile.kernels.triton.hisa import hisa_candidates
+    from misa_compile.kernels.triton.rerank import rerank_topk
+    from misa_compile.kernels.triton.router import pooled_keys, route_heads
+    from misa_compile.kernels.triton.row_topk import plan_selection, topk_rows
+    from misa_compile.kernels.triton.select import scored_topk
+
+FEW = settings(max_examples=4, deadline=None, derandomize=True)
+NEG_INF = float("-inf")
+
+
+def make(batch, queries, keys, heads, dim=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, keys, dim, generator=gen).to(dtype)
+    w = torch.randn(batch, queries, heads, generator=gen).to(dtype)
+    return q, k, w
+
+
+def ragged(batch, queries, keys, seed):
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, keys // 2, (batch, queries), generator=gen)
+    return start, start + torch.randint(0, keys, (batch, queries), generator=gen)
+
+
+def assert_same_selection(values, indices, ref_values, scores):
+    """The chosen keys' reference scores equal the reference top values (sorted), the
+    returned values are those scores, -inf marks exactly the missing tail, indices in range."""
+    finite = torch.isfinite(values)
+    assert torch.equal(finite.sum(-1), torch.isfinite(ref_values).sum(-1))
+    assert ((indices >= 0) & (indices < scores.shape[-1])).all()
+    gathered = torch.where(finite, scores.gather(-1, indices), NEG_INF)
+    expect = ref_values.sort(-1).values
+    torch.testing.assert_close(gathered.sort(-1).values, expect, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.where(finite, values.double(), NEG_INF).sort(-1).values,
+                               expect, rtol=2e-3, atol=2e-3)
+
+
+@FEW
+@given(causal=st.booleans(), use_ragged=st.booleans(), routed=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]), keys=st.integers(17, 90),
+       k_top=st.sampled_from([5, 40, 200]))
+def test_scored_topk_matches_the_reference(causal, use_ragged, routed, dtype, keys, k_top):
+    q, k, w = make(2, 20, keys, 4, dtype=dtype, seed=keys)
+    ks, ke = ragged(2, 20, keys, keys) if use_ragged else (None, None)
+    heads = torch.stack([torch.randperm(4)[:2] for _ in range(40)]).view(2, 20, 2) if routed else None
+    values, indices = scored_topk(q, k, w, heads, k_top, 0.5, causal, ks, ke)
+    if routed:
+        scores = reference.routed_scores(q, k, w, heads, 0.5, causal, ks, ke)
+    else:
+        scores = reference.dense_scores(q, k, w, 0.5, causal, ks, ke)
+    ref_values = scores.topk(min(k_top, keys), dim=-1).values
+    assert_same_selection(values, indices, ref_values, scores)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_sampled_threshold_path_matches_the_reference(routed):
+    # 300 keys exceed the candidate capacity for k=10: sample, threshold, emit, select.
+    keys, k_top = 300, 10
+    assert not plan_selection(k_top, keys).direct
+    q, k, w = make(1, 16, keys, 4, seed=1)
+    heads = torch.stack([torch.randperm(4)[:2] for _ in range(16)])[None] if routed else None
+    values, indices = scored_topk(q, k, w, heads, k_top, 1.0, True, None, None)
+    scores = (reference.routed_scores(q, k, w, heads) if routed
+              else reference.dense_scores(q, k, w))
+    assert_same_selection(values, indices, scores.topk(k_top, dim=-1).values, scores)
+
+
+def test_few_queries_take_the_heads_as_rows_kernel_with_hidden_tail_indices():
+    q, k, w = make(3, 1, 80, 4, seed=2)
+    ends = torch.tensor([[80], [3], [50]])
+    starts = torch.tensor([[0], [1], [20]])
+    values, indices = scored_topk(q, k, w, None, 8, 1.0, False, starts, ends)
+    scores = reference.dense_scores(q, k, w, 1.0, False, starts, ends)
+    assert_same_selection(values, indices, scores.topk(8, dim=-1).values, scores)
+    tail = indices[1, 0][~torch.isfinite(values[1, 0])]
+    assert ((tail < 1) | (tail >= 3)).all() and tail.unique().numel() == tail.numel()
+
+
+def test_nan_scores_never_win():
+    q, k, w = make(1, 16, 60, 4, seed=3)
+    k[0, 7] = float("nan")
+    q[0, 3, 1] = float("nan")
+    values, indices = scored_topk(q, k, w, None, 10, 1.0, True, None, None)
+    assert not torch.isnan(values).any()
+    assert not ((indices == 7) & torch.isfinite(values)).any()
+    assert not torch.isfinite(values[0, 3]).any()
+
+
+@FEW
+@given(n=st.integers(1, 300), k_top=st.integers(1, 64), ties=st.booleans())
+def test_candidate_topk_matches_torch_topk(n, k_top, ties):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(1, 3, n, generator=gen)
+    if ties:
+        x = x.round()
+    x[0, 1, : n // 2] = NEG_INF
+    values = torch.empty(1, 3, k_top)
+    indices = torch.empty(1, 3, k_top, dtype=torch.int64)
+    candidate_topk(x, k_top, n, values, indices)
+    K = min(k_top, n)
+    expect = x.topk(K, dim=-1).values
+    assert torch.equal(values[..., :K].sort(-1).values, expect.sort(-1).values) or torch.equal(
+        values.sort(-1).values[..., -K:], expect.sort(-1).values)
+    assert (values.isinf() & (values < 0)).sum() >= (expect.isinf() & (expect < 0)).sum()
+    assert ((indices >= 0) & (indices < n)).all()
+
+
+def test_topk_rows_sampled_path_matches_torch_topk():
+    x = torch.randn(1, 4, 900)
+    x[0, 0, :890] = NEG_INF
+    x[0, 1, 17] = float("nan")
+    values = torch.empty(1, 4, 24)
+    indices = torch.empty(1, 4, 24, dtype=torch.int64)
+    topk_rows(x, 24, values, indices)
+    expect = x.masked_fill(x.isnan(), NEG_INF).topk(24, dim=-1).values
+    assert torch.equal(values.sort(-1).values, expect.sort(-1).values)
+    finite = torch.isfinite(values)
+    assert torch.equal(x.gather(-1, indices)[finite].sort().values, values[finite].sort().values)
+
+
+@pytest.mark.parametrize("per_element", [False, True])
+def test_both_slot_reservations_emit_exactly_the_scores_above_threshold(per_element):
+    x = torch.randn(1, 20, 40)
+    lo = torch.full((20,), 0.5)
+    lo[3] = NEG_INF
+    cap = 64
+    cand_val, cand_idx = torch.empty(20, cap), torch.empty(20, cap, dtype=torch.int32)
+    count = torch.zeros(20, dtype=torch.int32)
+    emit_candidates_kernel[(2, 3, 1)](x, lo, cand_val, cand_idx, count, 20, 40, 800, 40,
+                                      CAP=cap, BLOCK_M=16, BLOCK_N=16, PER_ELEMENT=per_element)
+    expected = x[0] >= lo[:, None]
+    assert torch.equal(count.long(), expected.sum(-1))
+    for row in range(20):
+        n = int(count[row])
+        ids = cand_idx[row, :n].long()
+        assert torch.equal(ids.sort().values, expected[row].nonzero().flatten())
+        assert torch.equal(cand_val[row, :n], x[0, row, ids])
+
+
+@FEW
+@given(causal=st.booleans(), use_ragged=st.booleans(), block=st.sampled_from([8, 24]))
+def test_router_picks_the_reference_top_heads(causal, use_ragged, block):
+    q, k, w = make(2, 20, 70, 6, seed=block)
+    ks, ke = ragged(2, 20, 70, block) if use_ragged else (None, None)
+    torch.testing.assert_close(pooled_keys(k, block).double(), reference.pooled_keys(k, block).double())
+    heads = route_heads(q, k, w, 3, block, causal, ks, ke)
+    r = reference.router_scores(q, k, w, block, causal, ks, ke)
+    torch.testing.assert_close(r.gather(-1, heads).sort(-1).values,
+                               r.topk(3, dim=-1).values.sort(-1).values)
+    assert (heads.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@FEW
+@given(causal=st.booleans(), width=st.sampled_from([6, 50]))
+def test_rerank_matches_scoring_only_the_candidates(causal, width):
+    q, k, w = make(2, 18, 60, 4, seed=width)
+    gen = torch.Generator().manual_seed(width)
+    cand = torch.randint(-2, 62, (2, 18, width), generator=gen)
+    values, indices = rerank_topk(q, k, w, cand, 10, 1.0, causal, None, None)
+    ref_values, _ = torch_impl.rerank_topk(q.double(), k.double(), w.double(), cand, 10, 1.0,
+                                           causal, None, None, None, 0)
+    scores = reference.dense_scores(q, k, w, 1.0, causal)
+    assert_same_selection(values, indices, ref_values.double(), scores)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hisa_keeps_the_reference_visible_blocks(causal):
+    q, k, w = make(1, 16, 100, 4, seed=4)
+    ours = hisa_candidates(q, k, w, 16, 3, causal, None, None)
+    ref = torch_impl.hisa_candidates(q.double(), k.double(), w.double(), 16, 3, causal, None,
+                                     None, None, 0)
+    assert ours.shape == ref.shape
+    assert torch.equal(ours.sort(-1).values, ref.sort(-1).values)
