@@ -1,0 +1,72 @@
+"""The misa graph passes, in the order they run, and their Inductor wrapper.
+
+Every entry point (torch.compile's backend, export, the command line) runs the same list through
+run_misa_passes. Each pass takes (graph, MisaConfig), changes the graph in place, cleans up after
+itself (dead code, lint, recompile) and returns a SiteReport."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx import Graph, GraphModule
+
+from ..config import MisaConfig
+from ..report import SiteReport
+from .rewrite_indexers import rewrite_indexer_sites
+
+GraphPass = Callable[[Union[GraphModule, Graph], MisaConfig], SiteReport]
+
+MISA_PASSES: tuple[tuple[str, GraphPass], ...] = (
+    ("rewrite_indexers", rewrite_indexer_sites),
+)
+
+
+def run_misa_passes(gm: Union[GraphModule, Graph], config: MisaConfig) -> SiteReport:
+    """Runs every misa pass on `gm` in order; returns their merged report."""
+    return SiteReport.merged(graph_pass(gm, config) for _, graph_pass in MISA_PASSES)
+
+
+def passes_fingerprint() -> str:
+    """A hash of everything that decides what the passes emit: their sources, the op schemas and
+    the indexer chain they mirror, and the package version."""
+    from .. import __version__
+
+    package = Path(__file__).resolve().parent
+    kernels = package.parent / "kernels"
+    sources = sorted(package.glob("*.py")) + [kernels / "ops.py", kernels / "indexer.py",
+                                              package.parent / "misa_compile" / "config.py"]
+    digest = hashlib.sha256(__version__.encode())
+    for path in sources:
+        if path.exists():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class MisaInductorPass(CustomGraphPass):
+    """run_misa_passes as Inductor's joint_custom_pre_pass. The uuid covers the pass sources and
+    the configuration, so Inductor's FX graph cache never serves a graph rewritten differently.
+    `on_report` receives the report of every graph the pass runs on."""
+
+    def __init__(self, config: MisaConfig, on_report: Callable[[SiteReport], None],
+                 then: Optional[Callable[[Graph], None]] = None) -> None:
+        self.config = config
+        self.on_report = on_report
+        self.then = then  # a joint_custom_pre_pass the user had configured, run afterwards
+
+    def __call__(self, graph: Graph) -> None:
+        self.on_report(run_misa_passes(graph, self.config))
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self) -> Optional[str]:
+        then_id = ""
+        if self.then is not None:
+            then_uuid = getattr(self.then, "uuid", None)
+            if then_uuid is None or then_uuid() is None:
+                return None  # the user's pass cannot be hashed: no caching, as Inductor does
+            then_id = repr(then_uuid())
+        text = f"{passes_fingerprint()}|{self.config!r}|{then_id}"
+        return hashlib.sha256(text.encode()).hexdigest()
