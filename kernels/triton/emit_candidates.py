@@ -3,9 +3,12 @@ appended to its row's list (the same append as index_scores' EMIT mode, reading 
 of computing them). One pass over the matrix, a few atomics per row and tile."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from .common import INTERPRET, append_candidates
 
@@ -57,4 +60,11 @@ def emit_candidates(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
     def grid(m):
         return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
 
-    _tuned_kernel[grid](*args, CAP=cand_val.shape[1])
+    try:
+        _tuned_kernel[grid](*args, CAP=cand_val.shape[1])
+    except CompilationError as error:
+        warnings.warn(f"emit_candidates: autotuned variants failed to compile ({error!r:.200}); "
+                      "using the prefix-sum variant")
+        count.zero_()
+        safe = dict(BLOCK_M=8, BLOCK_N=1024, PER_ELEMENT=False)
+        emit_candidates_kernel[grid(safe)](*args, CAP=cand_val.shape[1], **safe, num_warps=8)

@@ -18,11 +18,13 @@ Two outputs:
 Tiles that no query of the tile can see are skipped (causal diagonal, ragged ranges)."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from .common import INTERPRET, append_candidates, dot_config, next_pow2, visible_range
 
@@ -189,4 +191,13 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     def grid(m):
         return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
 
-    _tuned_kernel[grid](*args, **meta)
+    try:
+        _tuned_kernel[grid](*args, **meta)
+    except CompilationError as error:
+        # A tuning variant this Triton cannot build: run the plain prefix-sum variant.
+        warnings.warn(f"index_scores: autotuned variants failed to compile ({error!r:.200}); "
+                      "using the 64 x 128 prefix-sum variant")
+        if count is not None:
+            count.zero_()
+        safe = dict(BLOCK_M=64, BLOCK_N=128, PER_ELEMENT=False)
+        index_scores_kernel[grid(safe)](*args, **meta, **safe, num_warps=4, num_stages=3)
