@@ -204,6 +204,8 @@ def table(device, ceilings, rows, topk_rows_):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 64K prefill shapes")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated labels (e.g. '8192x64K,decode 64x64K') to run")
     parser.add_argument("--out", default="bench_indexer.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -211,7 +213,10 @@ def main():
     print(json.dumps(ceilings), flush=True)
     topk = bench_topk_alone()
     rows = []
+    wanted = None if args.only is None else {label.strip() for label in args.only.split(",")}
     for spec in shapes(args.quick):
+        if wanted is not None and spec[0] not in wanted:
+            continue
         rows += bench_shape(*spec)
         with open(args.out, "w") as fh:
             json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
