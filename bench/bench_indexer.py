@@ -206,6 +206,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the 64K prefill shapes")
     parser.add_argument("--only", default=None,
                         help="comma-separated labels (e.g. '8192x64K,decode 64x64K') to run")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the plain torch and torch.compile baselines")
     parser.add_argument("--out", default="bench_indexer.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -217,6 +219,8 @@ def main():
     for spec in shapes(args.quick):
         if wanted is not None and spec[0] not in wanted:
             continue
+        if args.no_torch:
+            spec = spec[:5] + (False, False)
         rows += bench_shape(*spec)
         with open(args.out, "w") as fh:
             json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
