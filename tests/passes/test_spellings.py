@@ -19,7 +19,7 @@ import misa_compile
 from misa_compile.kernels import reference
 from misa_compile.models import DeepSeekReferenceBlock, PackedSparseAttentionBlock
 
-from .indexer_zoo import (AXES, HostSpec, IndexerSpec, axis_sweep_host, build_host, host_specs,
+from .indexer_zoo import (AXES, NEGATED_WEIGHTS, HostSpec, IndexerSpec, axis_sweep_host, build_host, host_specs,
                           make_inputs, near_miss_host, positive_specs, single_site_host,
                           split_outputs)
 
@@ -205,6 +205,17 @@ def test_near_misses_are_refused_with_their_reason_and_left_untouched():
     check_report(explain(model, inputs, misa_options(4)), host)
     outputs, calls, _ = compile_and_run(model, inputs, misa_options(4))
     assert calls["misa::routed_topk"] == 1, calls
+    check_host(model, host, inputs, outputs, eager(model, inputs))
+
+
+@pytest.mark.xfail(strict=True, reason="the matcher reads w * -c as a negative scale of the head "
+                   "sum and refuses it; folding the factor into the signed weights is exact")
+def test_a_negative_factor_on_the_weights_is_just_signed_weights():
+    host = single_site_host(IndexerSpec(scale=NEGATED_WEIGHTS, mask="tril"))
+    model = build_host(host)
+    inputs = make_inputs(host, QUERIES, KEYS)
+    check_report(explain(model, inputs, misa_options(4)), host)
+    outputs, _, _ = compile_and_run(model, inputs, misa_options(4))
     check_host(model, host, inputs, outputs, eager(model, inputs))
 
 

@@ -7,6 +7,7 @@ the same inputs and reported (pytest's record_property, and printed with -s)."""
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -17,17 +18,25 @@ from misa_compile.config import MisaConfig
 from misa_compile.kernels import reference
 from misa_compile.models import tiny_deepseek_v32
 
-LAYERS, HEADS, TOPK, SEQ = 2, 8, 8, 24
+LAYERS, HEADS, TOPK, BATCH, SEQ, PADDING = 2, 8, 8, 2, 24, 5
+
+
+def padded_batch(input_ids: torch.Tensor) -> dict:
+    """The model's inputs with the second sequence left-padded by PADDING tokens."""
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :PADDING] = 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """(model, input_ids, eager logits): index_topk=8 of up to 24 visible keys really prunes."""
+    """(model, inputs, eager logits): index_topk=8 of up to 24 visible keys really prunes."""
     model, input_ids = tiny_deepseek_v32(layers=LAYERS, index_heads=HEADS, index_topk=TOPK,
-                                         sequence_length=SEQ)
+                                         sequence_length=SEQ, batch_size=BATCH)
+    inputs = padded_batch(input_ids)
     with torch.no_grad():
-        logits = model(input_ids).logits
-    return model, input_ids, logits
+        logits = model(**inputs).logits
+    return model, inputs, logits
 
 
 def options(active_heads: int, **fields) -> dict:
@@ -40,10 +49,10 @@ def indexers(model):
 
 
 def test_every_layers_indexer_is_rewritten(tiny):
-    model, input_ids, _ = tiny
+    model, inputs, _ = tiny
     torch._dynamo.reset()
     with torch.no_grad():
-        report = misa_compile.explain(model, input_ids, options=options(HEADS))
+        report = misa_compile.explain(model, **inputs, options=options(HEADS))
     print(report)
     assert [(r.heads, r.k_top) for r in report.rewritten] == [(HEADS, TOPK)] * LAYERS, str(report)
     assert not report.refused, str(report)
@@ -51,29 +60,31 @@ def test_every_layers_indexer_is_rewritten(tiny):
 
 
 def test_compiled_model_with_all_heads_equals_eager(tiny):
-    model, input_ids, eager_logits = tiny
+    model, inputs, eager_logits = tiny
     compiled = torch.compile(model, backend="misa", options=options(HEADS), fullgraph=True)
     with torch.no_grad():
-        compiled(input_ids)
+        compiled(**inputs)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            logits = compiled(input_ids).logits
+            logits = compiled(**inputs).logits
     calls = collections.Counter(e.name for e in prof.events() if e.name.startswith("misa::"))
     assert calls["misa::routed_topk"] == LAYERS, calls
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_model_with_all_heads_under_dynamic_shapes_equals_eager(tiny):
-    model, input_ids, eager_logits = tiny
+    model, inputs, eager_logits = tiny
     compiled = torch.compile(model, backend="misa", options=options(HEADS), dynamic=True,
                              fullgraph=True)
-    shorter = input_ids[:, :20]
+    # Fresh ids rather than a slice: a slice's strides would fail a guard and recompile.
+    shorter = padded_batch(torch.randint(0, model.config.vocab_size, (BATCH, SEQ - 6),
+                                         generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids).logits, eager_logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(compiled(shorter).logits, model(shorter).logits, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(compiled(**inputs).logits, eager_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled(**shorter).logits, model(**shorter).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
-def compiled_indexer_recall(model, input_ids, config_options):
+def compiled_indexer_recall(model, inputs, config_options):
     """Per-layer recall of the compiled model's indexer selections against the dense HF indexer
     run eagerly on the very inputs the compiled indexer saw (captured by forward hooks)."""
     seen = []
@@ -85,7 +96,7 @@ def compiled_indexer_recall(model, input_ids, config_options):
     try:
         compiled = torch.compile(model, backend="misa", options=config_options, fullgraph=True)
         with torch.no_grad():
-            logits = compiled(input_ids).logits
+            logits = compiled(**inputs).logits
     finally:
         for hook in hooks:
             hook.remove()
@@ -105,20 +116,22 @@ def _visible(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _recall(selected, dense, visible) -> float:
-    """Mean over queries of |S' ∩ S| / |S|, S the dense selection restricted to visible keys."""
+    """Mean of |S' ∩ S| / |S| over the queries that see any key (padding queries see none), S
+    the dense selection restricted to visible keys."""
     def as_set(indices):
         return torch.zeros_like(visible).scatter(-1, indices.long(), True) & visible
     truth, chosen = as_set(dense), as_set(selected)
     total = truth.sum(-1).double()
-    return float(((truth & chosen).sum(-1) / total.clamp_min(1)).mean())
+    seeing = total > 0
+    return float(((truth & chosen).sum(-1)[seeing] / total[seeing]).mean())
 
 
 def test_compiled_model_with_fewer_heads_runs_and_reports_indexer_recall(tiny, record_property):
-    model, input_ids, _ = tiny
-    logits, full_recall = compiled_indexer_recall(model, input_ids, options(HEADS))
+    model, inputs, _ = tiny
+    logits, full_recall = compiled_indexer_recall(model, inputs, options(HEADS))
     assert full_recall == [1.0] * LAYERS
-    logits, recalls = compiled_indexer_recall(model, input_ids, options(2))
-    assert logits.shape == (1, SEQ, model.config.vocab_size) and torch.isfinite(logits).all()
+    logits, recalls = compiled_indexer_recall(model, inputs, options(2))
+    assert logits.shape == (BATCH, SEQ, model.config.vocab_size) and torch.isfinite(logits).all()
     assert all(0.0 <= r <= 1.0 for r in recalls)
     for layer, recall in enumerate(recalls):
         record_property(f"compile_recall_layer{layer}_h2_of_{HEADS}", round(recall, 4))
@@ -131,13 +144,14 @@ def test_compiled_model_with_fewer_heads_runs_and_reports_indexer_recall(tiny, r
 
 @pytest.fixture(scope="module")
 def exported(tiny):
-    model, input_ids, _ = tiny
-    return torch.export.export(model, (input_ids,)).run_decompositions()
+    model, inputs, _ = tiny
+    return torch.export.export(model, (), inputs).run_decompositions()
 
 
 def rewrite_exported(exported_program, active_heads):
-    """(rewritten ExportedProgram, report), rewriting through _transform_do_not_use so the
-    program's signature stays in sync with its graph."""
+    """(rewritten copy of the ExportedProgram, report), rewriting through _transform_do_not_use
+    so the program's signature stays in sync with its graph. The pass edits the graph in place,
+    hence the copy."""
     from torch.fx.passes.infra.pass_base import PassResult
     from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
 
@@ -148,7 +162,7 @@ def rewrite_exported(exported_program, active_heads):
         reports.append(rewrite_indexer_sites(graph_module, config))
         return PassResult(graph_module, True)
 
-    program = exported_program._transform_do_not_use(rewrite)
+    program = copy.deepcopy(exported_program)._transform_do_not_use(rewrite)
     return program, reports[0]
 
 
@@ -179,24 +193,24 @@ def _bind(op, args, kwargs) -> dict:
 
 
 def test_exported_program_is_rewritten_and_equals_eager_with_all_heads(tiny, exported):
-    model, input_ids, eager_logits = tiny
+    model, inputs, eager_logits = tiny
     program, report = rewrite_exported(exported, HEADS)
     print(report)
     assert [(r.heads, r.k_top) for r in report.rewritten] == [(HEADS, TOPK)] * LAYERS, str(report)
     assert not report.refused, str(report)
     with torch.no_grad():
-        logits = program.module()(input_ids).logits
+        logits = program.module()(**inputs).logits
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_exported_program_with_fewer_heads_reports_indexer_recall(tiny, exported,
                                                                    record_property):
-    _, input_ids, _ = tiny
+    _, inputs, _ = tiny
     program, report = rewrite_exported(exported, 2)
     assert len(report.rewritten) == LAYERS, str(report)
     recorder = MisaCallRecorder(program.module())
     with torch.no_grad():
-        recorder.run(input_ids)
+        recorder.run(inputs["input_ids"], inputs["attention_mask"])
     selections = [(args, out) for op, args, out in recorder.calls
                   if op is torch.ops.misa.routed_topk.default]
     assert len(selections) == LAYERS
@@ -204,8 +218,9 @@ def test_exported_program_with_fewer_heads_reports_indexer_recall(tiny, exported
         dense_values, dense_indices = reference.dense_topk(
             args["q"], args["k"], args["w"], args["k_top"], args["scale"], args["causal"],
             args["key_start"], args["key_end"], args["mask"])
-        recall = float(reference.selection_recall(indices, values, dense_indices,
-                                                  dense_values).mean())
+        per_query = reference.selection_recall(indices, values, dense_indices, dense_values)
+        seeing = torch.isfinite(dense_values).any(-1)  # padding queries see no key
+        recall = float(per_query[seeing].mean())
         assert 0.0 <= recall <= 1.0
         record_property(f"export_recall_layer{layer}_h2_of_{HEADS}", round(recall, 4))
         print(f"export: layer {layer} indexer recall vs dense, active_heads=2 of {HEADS}: "
