@@ -74,6 +74,16 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], confi
     return _inductor(gm, example_inputs, config, extra, mode, on_report)
 
 
+def python_scalar_inputs(gm: torch.fx.GraphModule) -> tuple[int, ...]:
+    """Positions, among the inputs of the ATen graph AOTAutograd traces from `gm`, of the Python
+    numbers Dynamo passes as 0-d tensors (float attributes under dynamic shapes). AOTAutograd
+    puts gm's own parameters and buffers first, then gm's inputs in order."""
+    offset = len(list(gm.parameters())) + len(list(gm.buffers()))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return tuple(offset + i for i, node in enumerate(placeholders)
+                 if getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
+
+
 def _aot_eager(gm, example_inputs, config, on_report):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -81,9 +91,10 @@ def _aot_eager(gm, example_inputs, config, on_report):
     from .passes.pass_manager import run_misa_passes
 
     reports: list[SiteReport] = []
+    scalars = python_scalar_inputs(gm)
 
     def rewrite_and_run(graph_module, _inputs):
-        reports.append(run_misa_passes(graph_module, config))
+        reports.append(run_misa_passes(graph_module, config, python_scalar_inputs=scalars))
         return make_boxed_func(graph_module.forward)
 
     compiled = aot_autograd(fw_compiler=rewrite_and_run)(gm, example_inputs)
@@ -106,8 +117,9 @@ def _inductor(gm, example_inputs, config, extra, mode, on_report):
     reports: list[SiteReport] = []
     patches = dict(list_mode_options(mode) if mode else {}, **extra)
     patches["joint_custom_pre_pass"] = MisaInductorPass(
-        config, reports.append, then=extra.get("joint_custom_pre_pass",
-                                               inductor_config.joint_custom_pre_pass))
+        config, reports.append,
+        then=extra.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass),
+        python_scalar_inputs=python_scalar_inputs(gm))
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not reports:
         # Inductor served the graph from its cache, so the pass did not run: analyse a throwaway
@@ -134,9 +146,10 @@ def _tensorrt(gm, example_inputs, config, extra, on_report):
     # Without this Torch-TensorRT silently falls back to eager when an engine fails to build.
     options = dict({"pass_through_build_failures": True}, **extra)
     reports: list[SiteReport] = []
+    scalars = python_scalar_inputs(gm)
 
     def rewrite_then_tensorrt(graph_module, inputs):
-        reports.append(run_misa_passes(graph_module, config))
+        reports.append(run_misa_passes(graph_module, config, python_scalar_inputs=scalars))
         return tensorrt(graph_module, inputs, options=options)
 
     compiled = aot_autograd(fw_compiler=rewrite_then_tensorrt)(gm, example_inputs)

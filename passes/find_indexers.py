@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -100,6 +100,10 @@ class ScoreBranch:
     scale_below: float = 1.0   # between the bilinear form and the activation
     scale_above: float = 1.0   # between the activation and the head reduction
     weights: list[Operand] = field(default_factory=list)  # tensor factors above the activation
+    # Python numbers passed to the graph as 0-d tensors (Dynamo's unspecialised floats), whose
+    # sign is only known at run time: below / above the activation.
+    runtime_below: list[Node] = field(default_factory=list)
+    runtime_above: list[Node] = field(default_factory=list)
     interior: list[Node] = field(default_factory=list)
     issues: list[tuple[str, str]] = field(default_factory=list)
 
@@ -127,10 +131,16 @@ class IndexerSite:
     dtype: torch.dtype
     interior: list[Node]
     operands: list[Operand]
+    # Run-time Python scalars: (0-d tensor node, "below" or "above" the activation). The rewrite
+    # folds them exactly: relu(c*x) = |c|*relu(sign(c)*x), so sign(c) goes into q and |c| (or c,
+    # above the activation and after the head sum) into the weights.
+    runtime_factors: list[tuple[Node, str]] = field(default_factory=list)
 
     @property
     def layout(self) -> str:
-        return "flat" if self.batch is None else "batch"
+        """"batch" for q [B,S,H,D] (B may be 1), "flat" for token-major q [N,H,D]."""
+        rank = len(self.q.source.dims)
+        return "batch" if self.batch is not None or rank >= 4 else "flat"
 
     @property
     def mask_kind(self) -> str:
@@ -162,13 +172,19 @@ def mask_kind(masks: list[Mask]) -> str:
     return "+".join(kinds) if kinds else "none"
 
 
-def find_indexer_sites(graph: Union[Graph, GraphModule]) -> list[Match]:
-    """Every indexer-like top-k of the graph, proven (IndexerSite) or refused (SiteRefusal)."""
+def find_indexer_sites(graph: Union[Graph, GraphModule],
+                       python_scalars: Iterable[Node] = ()) -> list[Match]:
+    """Every indexer-like top-k of the graph, proven (IndexerSite) or refused (SiteRefusal).
+
+    python_scalars: placeholders known to hold a Python number passed as a 0-d tensor (Dynamo
+    does so for float attributes under dynamic shapes). A factor read from one of them has a sign
+    known only at run time; it is folded exactly instead of being refused as unknown_scale."""
     graph = graph.graph if isinstance(graph, GraphModule) else graph
+    scalars = frozenset(python_scalars)
     found: list[Match] = []
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target == aten.topk.default:
-            match = _match_topk(node)
+            match = _match_topk(node, scalars)
             if match is not None:
                 found.append(match)
     return found
@@ -186,8 +202,8 @@ def site_name(node: Node) -> str:
     return f"{path}:{node.name}" if path else node.name
 
 
-def _match_topk(topk: Node) -> Optional[Match]:
-    matcher = _Matcher(topk)
+def _match_topk(topk: Node, python_scalars: frozenset) -> Optional[Match]:
+    matcher = _Matcher(topk, python_scalars)
     try:
         return matcher.match()
     except R.SiteRefused as refusal:
@@ -209,13 +225,15 @@ class _Outer:
     weights: list[Operand]
     masks: list[Mask] = field(default_factory=list)
     scale: float = 1.0
+    runtime: list[Node] = field(default_factory=list)  # run-time Python scalars after the sum
     interior: list[Node] = field(default_factory=list)
     issues: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Matcher:
-    def __init__(self, topk: Node) -> None:
+    def __init__(self, topk: Node, python_scalars: frozenset = frozenset()) -> None:
         self.topk = topk
+        self.python_scalars = python_scalars
         self.space = LabelSpace()
         self.visits = 0
         self.known: dict[str, Any] = {}
@@ -298,6 +316,10 @@ class _Matcher:
         if len(hits) != 1:
             return None
         found, other = hits[0][1], hits[0][2]
+        if node.target in ops.MULS and self._is_python_scalar(other) \
+                and not any(m.kind == "additive" for m in found.masks):
+            found.runtime.append(other)
+            return found
         found.issues.insert(0, (R.UNKNOWN_SCALE, f"{_op(node)} multiplies the index score by "
                                 f"{other.name}, a tensor of unknown sign"))
         return found
@@ -420,7 +442,9 @@ class _Matcher:
                                              "a function of itself (a gated activation)"))
                 elif len(hits) == 1:
                     _, branch, other = hits[0]
-                    if above:
+                    if target in ops.MULS and self._is_python_scalar(other):
+                        (branch.runtime_above if above else branch.runtime_below).append(other)
+                    elif above:
                         branch.weights.append(self._follow(other, _broadcast_dims(dims, other)))
                     else:
                         branch.issues.insert(0, (R.UNKNOWN_SCALE, f"{_op(node)} scales the "
@@ -588,6 +612,15 @@ class _Matcher:
 
     # --- operands -------------------------------------------------------------------------
 
+    def _is_python_scalar(self, node: Node) -> bool:
+        """A 0-d tensor read (through casts and views) from a placeholder holding a Python
+        number."""
+        value = ops.tensor_val(node)
+        if not self.python_scalars or value is None or value.numel() != 1 \
+                or value.dtype not in ops.FLOAT_DTYPES:
+            return False
+        return self._follow(node, [() for _ in value.shape]).source.node in self.python_scalars
+
     def _follow(self, node: Node, dims: Dims, negations: bool = False) -> Operand:
         links = [Link(node, dims)]
         negated = False
@@ -620,7 +653,6 @@ class _Matcher:
         deps_a, deps_b = fa.depends(space), fb.depends(space)
         heads = [x for label in outer.reduction.summed for x in space.resolve(label)]
         dims_d = [x for label in branch.bilinear.summed for x in space.resolve(label)]
-        weight_deps = [w.depends(space) for w in outer.weights]
         # Only a top-k over an axis of q or k, summed over an axis of q or k, is an indexer at
         # all; anything else is some other contraction chain and is not reported.
         if top not in deps_a | deps_b or len(heads) != 1 or heads[0] not in deps_a | deps_b:
@@ -662,8 +694,15 @@ class _Matcher:
         if score_labels != set(batch) | set(queries) | {top}:
             raise R.SiteRefused(R.UNSUPPORTED_LAYOUT, "the top-k input has axes other than "
                                 "batch, query and key")
-        self.known["layout"] = "flat" if not batch else "batch"
+        self.known["layout"] = "batch" if batch or len(q.source.dims) >= 4 else "flat"
         allowed = set(batch) | set(queries) | {head}
+        runtime = [(n, "below") for n in branch.runtime_below] \
+            + [(n, "above") for n in branch.runtime_above + outer.runtime]
+        for weight in list(outer.weights):
+            if self._is_python_scalar(weight.links[0].node):
+                outer.weights.remove(weight)
+                runtime.append((weight.links[0].node, "above"))
+        weight_deps = [w.depends(space) for w in outer.weights]
         if not outer.weights:
             raise R.SiteRefused(R.UNSUPPORTED_LAYOUT, "no per-head weights multiply the heads")
         for weight, deps in zip(outer.weights, weight_deps):
@@ -698,7 +737,7 @@ class _Matcher:
             q=q, k=k, weights=outer.weights, masks=outer.masks, scale=scale, k_top=k_top,
             batch=batch[0] if batch else None, query=queries[0] if queries else None,
             head=head, dim=dim, key=top, heads=heads_count, dtype=dtype, interior=interior,
-            operands=operands)
+            operands=operands, runtime_factors=runtime)
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """The misa graph passes, in the order they run, and their Inductor wrapper.
 
 Every entry point (torch.compile's backend, export, the command line) runs the same list through
-run_misa_passes. Each pass takes (graph, MisaConfig), changes the graph in place, cleans up after
-itself (dead code, lint, recompile) and returns a SiteReport."""
+run_misa_passes. Each pass takes (graph, MisaConfig, *, python_scalar_inputs), changes the graph in
+place, cleans up after itself (dead code, lint, recompile) and returns a SiteReport."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Collection, Optional, Union
 
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, GraphModule
@@ -16,16 +16,19 @@ from ..config import MisaConfig
 from ..report import SiteReport
 from .rewrite_indexers import rewrite_indexer_sites
 
-GraphPass = Callable[[Union[GraphModule, Graph], MisaConfig], SiteReport]
+GraphPass = Callable[..., SiteReport]
 
 MISA_PASSES: tuple[tuple[str, GraphPass], ...] = (
     ("rewrite_indexers", rewrite_indexer_sites),
 )
 
 
-def run_misa_passes(gm: Union[GraphModule, Graph], config: MisaConfig) -> SiteReport:
-    """Runs every misa pass on `gm` in order; returns their merged report."""
-    return SiteReport.merged(graph_pass(gm, config) for _, graph_pass in MISA_PASSES)
+def run_misa_passes(gm: Union[GraphModule, Graph], config: MisaConfig, *,
+                    python_scalar_inputs: Collection[int] = ()) -> SiteReport:
+    """Runs every misa pass on `gm` in order; returns their merged report.
+    python_scalar_inputs: positions of graph inputs holding a Python number as a 0-d tensor."""
+    return SiteReport.merged(graph_pass(gm, config, python_scalar_inputs=python_scalar_inputs)
+                             for _, graph_pass in MISA_PASSES)
 
 
 def passes_fingerprint() -> str:
@@ -51,13 +54,16 @@ class MisaInductorPass(CustomGraphPass):
     `on_report` receives the report of every graph the pass runs on."""
 
     def __init__(self, config: MisaConfig, on_report: Callable[[SiteReport], None],
-                 then: Optional[Callable[[Graph], None]] = None) -> None:
+                 then: Optional[Callable[[Graph], None]] = None,
+                 python_scalar_inputs: Collection[int] = ()) -> None:
         self.config = config
         self.on_report = on_report
         self.then = then  # a joint_custom_pre_pass the user had configured, run afterwards
+        self.python_scalar_inputs = tuple(python_scalar_inputs)
 
     def __call__(self, graph: Graph) -> None:
-        self.on_report(run_misa_passes(graph, self.config))
+        self.on_report(run_misa_passes(graph, self.config,
+                                       python_scalar_inputs=self.python_scalar_inputs))
         if self.then is not None:
             self.then(graph)
 
@@ -68,5 +74,5 @@ class MisaInductorPass(CustomGraphPass):
             if then_uuid is None or then_uuid() is None:
                 return None  # the user's pass cannot be hashed: no caching, as Inductor does
             then_id = repr(then_uuid())
-        text = f"{passes_fingerprint()}|{self.config!r}|{then_id}"
+        text = f"{passes_fingerprint()}|{self.config!r}|{self.python_scalar_inputs}|{then_id}"
         return hashlib.sha256(text.encode()).hexdigest()

@@ -14,7 +14,7 @@ not fit, are left as they are and reported."""
 from __future__ import annotations
 
 import operator
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -31,15 +31,22 @@ aten = torch.ops.aten
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig) -> SiteReport:
+def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig, *,
+                          python_scalar_inputs: Collection[int] = ()) -> SiteReport:
     """Finds, rewrites and reports every indexer site of `gm` (a GraphModule or its Graph, from
     Dynamo/AOT or from torch.export(...).run_decompositions()). The graph is changed in place and
-    cleaned up (dead code, lint, recompile) only if a site was rewritten."""
+    cleaned up (dead code, lint, recompile) only if a site was rewritten.
+
+    python_scalar_inputs: positions of the graph inputs that carry a Python number as a 0-d
+    tensor (the backend reads them off Dynamo's graph); scale factors read from them are folded
+    exactly rather than refused for their unknown sign."""
     if not isinstance(config, MisaConfig):
         raise TypeError(f"config must be a MisaConfig, got {type(config).__name__}")
     graph = gm.graph if isinstance(gm, GraphModule) else gm
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    scalars = [placeholders[i] for i in python_scalar_inputs if 0 <= i < len(placeholders)]
     report = SiteReport()
-    for match in find_indexer_sites(graph):
+    for match in find_indexer_sites(graph, scalars):
         if isinstance(match, SiteRefusal):
             report.add(_refused(match.name, match.reason, match.detail, match))
             continue
@@ -71,7 +78,9 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
         builder.undo()
         return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"could not rearrange the operands: "
                         f"{error}", site)
-    detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} scale={site.scale:.6g}"
+    runtime = "".join(f" x {node.name}" for node, _ in site.runtime_factors)
+    detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} "
+              f"scale={site.scale:.6g}{runtime}"
               + ("" if variant == config.variant else
                  f"; T={keys} < min_keys={config.min_keys}: dense"))
     return SiteRecord(site.name, "rewritten", "", detail, site.heads, _k_text(k_top),
@@ -99,6 +108,11 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
     for weight in site.weights:
         factor = arrange.to_canonical(*_picked(site, weight), [b, s, h])
         w = factor if w is None else builder.call(aten.mul.Tensor, w, factor)
+    for factor, where in site.runtime_factors:
+        if where == "below":
+            q = builder.call(aten.mul.Tensor, q, builder.call(aten.sign.default, factor))
+            factor = builder.call(aten.abs.default, factor)
+        w = builder.call(aten.mul.Tensor, w, factor)
     w = _as_op_dtype(builder, builder.call(aten.expand.default, w,
                                            [_size_or_one(size_of, x) for x in (b, s, h)]))
     mask = _mask(builder, arrange, site, size_of)
