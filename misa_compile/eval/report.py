@@ -194,7 +194,8 @@ def _needle_markdown(report: dict) -> list[str]:
              "cell is the fraction of those queries whose selection contains it.", ""]
     if needle.get("png"):
         lines += [f"![needle heatmap]({needle['png']})", ""]
-    lines += ["| variant | retrieved (mean over cells) | cells fully retrieved |", "|---|---:|---:|"]
+    lines += ["| variant | retrieved (mean over cells) | cells fully retrieved |",
+              "|---|---:|---:|"]
     for key, grid in needle["grids"].items():
         cells = [v for row in grid for v in row]
         full = sum(1 for v in cells if v >= 1.0)

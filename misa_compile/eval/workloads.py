@@ -15,9 +15,9 @@ Random isotropic q/k/w make every router look bad: no head carries more signal t
 - Recency: local heads carry rotary (RoPE-like) components, so their score falls with the distance
   between query and key; a slow frequency spans the whole context, a faster one a local window.
 - Attention sink: the first keys share a sink direction that every head's queries lean towards.
-- Needle: a key planted at a chosen depth (in every sequence of the batch), aligned with one head's query direction for the
-  queries that look for it, scaled until it out-scores every other visible key by a margin for
-  those queries (that head dominates the needle's score).
+- Needle: a key planted at a chosen depth (in every sequence of the batch), aligned with one
+  head's query direction for the queries that look for it, scaled until it out-scores every other
+  visible key by a margin for those queries (that head dominates the needle's score).
 
 The queries are the last S positions of a context of T keys (end-aligned causal visibility, as in
 the ops' `causal=True`)."""
@@ -193,6 +193,9 @@ class _Basis:
         self.sink = frame[2 * _ROTARY_PAIRS]
         topic_space = frame[2 * _ROTARY_PAIRS + 1:]
         count = min(heads, topic_space.shape[0])
+        # Directions no head's topic uses: a needle's own direction goes there, so no other head
+        # (a negative one included) responds to it.
+        self.free = topic_space[heads:]
         if count == heads:
             self.topics = topic_space[:heads]
         else:
@@ -276,7 +279,7 @@ def _queries(context: _Context, queries: int, basis: _Basis, roles: _HeadRoles,
     own = context.dominant[positions]
     asked = context.dominant[torch.randint(0, keys, (queries,), generator=gen)]
     interested = (roles.topic[None, :] == own[:, None]) | (roles.topic[None, :] == asked[:, None])
-    boost = 1.0 + structure.interest_boost * interested.float()                                   # [S, H]
+    boost = 1.0 + structure.interest_boost * interested.float()              # [S, H]
     strength = roles.strength[None, :] * (1.0 + 0.3 * torch.randn(queries, heads, generator=gen))
     q = (strength * boost)[..., None] * basis.topics[roles.topic][None]       # [S, H, D]
     rot = torch.einsum("npc,pcd->nd", _rotary(positions, keys, structure), basis.rotary)
@@ -310,7 +313,8 @@ def _plant_needle(spec: NeedleSpec, batch: int, q: Tensor, k: Tensor, w: Tensor,
     # The needle shares part of its direction with the head's topic (it is about something the
     # context talks about) and has a direction of its own that only the searching queries share.
     topic = basis.topics[roles.topic[head]]
-    own = torch.randn(basis.topic_space.shape[0], generator=gen) @ basis.topic_space
+    space = basis.free if basis.free.shape[0] else basis.topic_space
+    own = torch.randn(space.shape[0], generator=gen) @ space
     own = torch.nn.functional.normalize(own - (own @ topic) * topic, dim=0)
     direction = 0.5 * topic + math.sqrt(0.75) * own
     rows_t = list(rows)

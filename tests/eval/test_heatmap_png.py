@@ -9,8 +9,8 @@ import pytest
 PIL = pytest.importorskip("PIL", reason="Pillow draws the heatmap PNG")
 from PIL import Image  # noqa: E402
 
-from misa_compile.eval.heatmap_png import (BACKGROUND, INK, HeatmapLayout, save_heatmap,  # noqa: E402
-                                           value_color)
+from misa_compile.eval.heatmap_png import (  # noqa: E402
+    BACKGROUND, INK, HeatmapLayout, save_heatmap, value_color)
 
 GRIDS = [("dense", [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]),
          ("MISA h=8", [[1.0, 0.0, 0.5], [float("nan"), 1.0, 0.25]])]

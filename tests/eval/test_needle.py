@@ -20,8 +20,8 @@ HEADS, DIM = 16, 32
 @pytest.mark.parametrize("keys", [256, 1024, 4096])
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.35, 0.5, 0.8, 1.0])
 def test_dominant_needle_is_always_retrieved_by_dense(keys, depth):
-    wl = structured_workload(queries=4, keys=keys, heads=HEADS, dim=DIM, seed=keys + int(depth * 100),
-                             needle=NeedleSpec(depth=depth, queries=2))
+    wl = structured_workload(queries=4, keys=keys, heads=HEADS, dim=DIM,
+                             seed=keys + int(depth * 100), needle=NeedleSpec(depth=depth, queries=2))
     needle = wl.needles[0]
     assert needle.margin >= Structure().needle_margin
     assert needle.position == round(depth * (keys - 4 + 2))
@@ -83,3 +83,13 @@ def test_needle_grid_dense_row_is_all_retrieved():
     assert grid["grids"]["dense"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     for rows in grid["grids"].values():
         assert all(0.0 <= v <= 1.0 for row in rows for v in row)
+
+
+@pytest.mark.parametrize("heads, dim", [(64, 128), (64, 32), (8, 16)])
+def test_needle_can_be_planted_for_every_seed_and_depth(heads, dim):
+    """The needle's own direction avoids every head's topic where there is room (so no negative
+    head responds to it), and lies beside its head's topic where there is not."""
+    for seed in range(24):
+        wl = structured_workload(queries=4, keys=256, heads=heads, dim=dim, seed=seed,
+                                 needle=NeedleSpec(depth=(seed % 11) / 10, queries=2))
+        assert wl.needles[0].margin >= Structure().needle_margin
