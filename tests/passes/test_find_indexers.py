@@ -20,32 +20,43 @@ SCALE = D ** -0.5
 
 # --- spellings --------------------------------------------------------------------------------
 
-def einsum_masked_fill(q, k, w, visible):
+def einsum_masked_fill_scores(q, k, w, visible):
     """The DeepSeek reference code's shape: einsum, ReLU, scale after ReLU, masked_fill."""
     scores = torch.einsum("bshd,btd->bsht", q, k).relu() * SCALE
     index = torch.einsum("bsht,bsh->bst", scores, w)
-    return index.masked_fill(~visible, float("-inf")).topk(K, dim=-1).indices
+    return index.masked_fill(~visible, float("-inf"))
 
 
-def hf_matmul_weights(q, k, w, bias):
+def einsum_masked_fill(q, k, w, visible):
+    return einsum_masked_fill_scores(q, k, w, visible).topk(K, dim=-1).indices
+
+
+def hf_matmul_weights_scores(q, k, w, bias):
     """Hugging Face DeepSeek-V3.2: float casts, scale before ReLU, weights * H^-0.5 reduced by a
     second matmul, additive finfo.min mask."""
     scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * SCALE
     scores = torch.nn.functional.relu(scores)
     weights = w.float() * H ** -0.5
-    index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
-    return (index + bias).topk(K, dim=-1).indices
+    return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2) + bias
 
 
-def flat_mul_sum(q, k, w):
+def hf_matmul_weights(q, k, w, bias):
+    return hf_matmul_weights_scores(q, k, w, bias).topk(K, dim=-1).indices
+
+
+def flat_mul_sum_scores(q, k, w):
     """Token-major q [N,H,D], k [T,D], w [N,H]; heads summed by mul + sum; no mask; values
     and indices both used."""
     scores = torch.einsum("nhd,td->nht", q, k).clamp_min(0.0)
-    values, indices = (scores * w[..., None]).sum(1).topk(K)
+    return (scores * w[..., None]).sum(1)
+
+
+def flat_mul_sum(q, k, w):
+    values, indices = flat_mul_sum_scores(q, k, w).topk(K)
     return values, indices
 
 
-def bmm_where_tril(q, k, w):
+def bmm_where_tril_scores(q, k, w):
     """bmm over flattened (batch, query) rows, mask built in the graph from arange, applied with
     where(visible, x, -inf); scale by division before ReLU."""
     keys = k[:, None].expand(B, S, T, D).reshape(B * S, T, D)
@@ -54,14 +65,22 @@ def bmm_where_tril(q, k, w):
     index = (scores * w.unsqueeze(-1)).sum(dim=2)
     positions = torch.arange(T)
     visible = positions[None, :] <= torch.arange(S)[:, None] + (T - S)
-    return torch.where(visible, index, float("-inf")).topk(K).indices
+    return torch.where(visible, index, float("-inf"))
 
 
-def where_hidden_first(q, k, w, visible):
+def bmm_where_tril(q, k, w):
+    return bmm_where_tril_scores(q, k, w).topk(K).indices
+
+
+def where_hidden_first_scores(q, k, w, visible):
     """where(hidden, -inf, x): the condition marks the hidden keys."""
     scores = torch.einsum("bshd,btd->bsht", q, k).relu()
     index = torch.einsum("bsht,bsh->bst", scores, w)
-    return torch.where(~visible, float("-inf"), index).topk(K).indices
+    return torch.where(~visible, float("-inf"), index)
+
+
+def where_hidden_first(q, k, w, visible):
+    return where_hidden_first_scores(q, k, w, visible).topk(K).indices
 
 
 def inputs(seed: int = 0, dtype=torch.float32):
