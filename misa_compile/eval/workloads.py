@@ -193,9 +193,6 @@ class _Basis:
         self.sink = frame[2 * _ROTARY_PAIRS]
         topic_space = frame[2 * _ROTARY_PAIRS + 1:]
         count = min(heads, topic_space.shape[0])
-        # Directions no head's topic uses: a needle's own direction goes there, so no other head
-        # (a negative one included) responds to it.
-        self.free = topic_space[heads:]
         if count == heads:
             self.topics = topic_space[:heads]
         else:
@@ -310,19 +307,15 @@ def _plant_needle(spec: NeedleSpec, batch: int, q: Tensor, k: Tensor, w: Tensor,
     rows = tuple(range(queries - spec.queries, queries))
     last_visible = keys - queries + rows[0]
     position = int(round(spec.depth * last_visible))
-    # The needle shares part of its direction with the head's topic (it is about something the
-    # context talks about) and has a direction of its own that only the searching queries share.
-    topic = basis.topics[roles.topic[head]]
-    space = basis.free if basis.free.shape[0] else basis.topic_space
-    own = torch.randn(space.shape[0], generator=gen) @ space
-    own = torch.nn.functional.normalize(own - (own @ topic) * topic, dim=0)
-    direction = 0.5 * topic + math.sqrt(0.75) * own
     rows_t = list(rows)
     # The searching queries are interested in the needle the way a query is interested in a topic
     # (same boost of query strength and weight), with a positive weight.
     boost = 1.0 + structure.interest_boost
-    q[batch, rows_t, head] = roles.strength[head] * boost * direction
     w[batch, rows_t, head] = roles.magnitude[head] * boost
+    query_size = roles.strength[head] * boost
+    direction = _needle_direction(head, query_size, q[batch, rows_t], w[batch, rows_t], basis,
+                                  roles, gen)
+    q[batch, rows_t, head] = query_size * direction
     rotary = torch.einsum("pc,pcd->d", _rotary(torch.tensor([position]), keys, structure)[0],
                           basis.rotary)
     others = _best_other_scores(q[batch, rows_t], k[batch], w[batch, rows_t], rows, queries,
@@ -336,8 +329,31 @@ def _plant_needle(spec: NeedleSpec, batch: int, q: Tensor, k: Tensor, w: Tensor,
             return PlantedNeedle(position=position, head=head, query_rows=rows, batch=batch,
                                  margin=margin)
         strength *= 1.5
-    raise RuntimeError(f"could not plant a dominant needle at depth {spec.depth} (head {head}); "
-                       "the other heads' negative weights outweigh it")
+    raise RuntimeError(f"could not plant a needle at depth {spec.depth} (head {head}) that "
+                       f"out-scores every other key by {structure.needle_margin}x")
+
+
+def _needle_direction(head: int, query_size: float, q_rows: Tensor, w_rows: Tensor,
+                      basis: _Basis, roles: _HeadRoles, gen: torch.Generator) -> Tensor:
+    """A unit direction half along the head's topic (the needle is about something the context
+    talks about) and half its own, a random direction of the topic space like any key's content.
+    Directions that the other heads of the searching queries answer with more than half the
+    needle head's term (negative heads could cancel it) are redrawn: the needle head must
+    dominate its score."""
+    topic = basis.topics[roles.topic[head]]
+    others = torch.ones(q_rows.shape[1], dtype=torch.bool)
+    others[head] = False
+    for _ in range(64):
+        own = torch.randn(basis.topic_space.shape[0], generator=gen) @ basis.topic_space
+        own = torch.nn.functional.normalize(own - (own @ topic) * topic, dim=0)
+        direction = 0.5 * topic + math.sqrt(0.75) * own
+        # Per unit of needle size; the needle head's query will be query_size * direction.
+        head_term = w_rows[:, head] * query_size
+        rest = (w_rows[:, others] * (q_rows[:, others] @ direction).relu()).abs().sum(-1)
+        if bool((rest < 0.5 * head_term).all()):
+            return direction
+    raise RuntimeError(f"no needle direction that head {head} dominates: the other heads' "
+                       "queries answer every direction tried")
 
 
 def _scores_at(q_rows: Tensor, key: Tensor, w_rows: Tensor) -> Tensor:

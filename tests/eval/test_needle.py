@@ -87,8 +87,8 @@ def test_needle_grid_dense_row_is_all_retrieved():
 
 @pytest.mark.parametrize("heads, dim", [(64, 128), (64, 32), (8, 16)])
 def test_needle_can_be_planted_for_every_seed_and_depth(heads, dim):
-    """The needle's own direction avoids every head's topic where there is room (so no negative
-    head responds to it), and lies beside its head's topic where there is not."""
+    """The needle's direction is redrawn until no other head (a negative one included) can
+    cancel the needle head's term, so planting never fails."""
     for seed in range(24):
         wl = structured_workload(queries=4, keys=256, heads=heads, dim=dim, seed=seed,
                                  needle=NeedleSpec(depth=(seed % 11) / 10, queries=2))
