@@ -17,11 +17,14 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 120.0) -> to
     raises; NCCL's watchdog aborts the process group (and by default the process)."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    device = torch.device("cpu")
-    if backend == "nccl":
-        # NVLink multicast (NVLS) stays off unless the caller's environment says otherwise.
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend != "nccl":
+        dist.init_process_group(backend, timeout=timeout)
+        return torch.device("cpu")
+    # NVLink multicast (NVLS) stays off unless the caller's environment says otherwise.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    # Naming the device binds the communicator to it (NCCL would otherwise guess from the rank).
+    dist.init_process_group(backend, timeout=timeout, device_id=device)
     return device
