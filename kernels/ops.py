@@ -14,7 +14,7 @@ Selections: (values fp32, indices int64) [B,S,min(k_top,T)]; -inf values mark en
 visible keys, whose indices are in [0, T) but meaningless."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +24,29 @@ from .validation import (check_index_tensor, check_indexer_inputs, check_positiv
                          check_same_device, check_scale)
 
 _ROUTERS = ("score", "qnorm")
+
+# Per-device implementations. Each op validates its inputs once, here, then runs the
+# implementation registered for the inputs' device type (kernels/triton/register.py registers the
+# CUDA ones), or the chunked torch implementation that runs on every device.
+_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+
+
+def register_implementation(op_name: str, device_type: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` (same positional arguments as torch_impl.<op_name>) implements the op on
+    devices of `device_type`."""
+    if not hasattr(torch_impl, op_name):
+        raise ValueError(f"register_implementation: unknown misa op {op_name!r}")
+
+    def register(fn: Callable) -> Callable:
+        if (op_name, device_type) in _IMPLEMENTATIONS:
+            raise ValueError(f"misa.{op_name} already has a {device_type} implementation")
+        _IMPLEMENTATIONS[(op_name, device_type)] = fn
+        return fn
+    return register
+
+
+def _implementation(op_name: str, device: torch.device) -> Callable:
+    return _IMPLEMENTATIONS.get((op_name, device.type), getattr(torch_impl, op_name))
 
 
 def _topk_outputs(q: Tensor, k: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
@@ -42,7 +65,8 @@ def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
                          causal=causal, chunk=chunk)
     check_positive_int("misa.dense_topk", "k_top", k_top)
     check_scale("misa.dense_topk", scale)
-    return torch_impl.dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk)
+    return _implementation("dense_topk", q.device)(q, k, w, k_top, scale, causal, key_start,
+        key_end, mask, chunk)
 
 
 @dense_topk.register_fake
@@ -65,8 +89,8 @@ def route_heads(q: Tensor, k: Tensor, w: Tensor, active_heads: int, block_size: 
     check_positive_int("misa.route_heads", "block_size", block_size)
     if router not in _ROUTERS:
         raise ValueError(f"misa.route_heads: router={router!r}; allowed: {_ROUTERS}")
-    return torch_impl.route_heads(q, k, w, active_heads, block_size, router, causal, key_start,
-                                  key_end, mask, chunk)
+    return _implementation("route_heads", q.device)(q, k, w, active_heads, block_size, router,
+        causal, key_start, key_end, mask, chunk)
 
 
 @route_heads.register_fake
@@ -92,8 +116,8 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
     check_scale("misa.routed_topk", scale)
     if heads.numel() and (heads.min() < 0 or heads.max() >= shape.heads):
         raise ValueError(f"misa.routed_topk: heads must lie in [0, H) = [0, {shape.heads})")
-    return torch_impl.routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask,
-                                  chunk)
+    return _implementation("routed_topk", q.device)(q, k, w, heads, k_top, scale, causal,
+        key_start, key_end, mask, chunk)
 
 
 @routed_topk.register_fake
@@ -117,8 +141,8 @@ def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
     check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
     check_positive_int("misa.rerank_topk", "k_top", k_top)
     check_scale("misa.rerank_topk", scale)
-    return torch_impl.rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end,
-                                  mask, chunk)
+    return _implementation("rerank_topk", q.device)(q, k, w, candidates, k_top, scale, causal,
+        key_start, key_end, mask, chunk)
 
 
 @rerank_topk.register_fake
@@ -140,8 +164,8 @@ def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
                          causal=causal, chunk=chunk)
     check_positive_int("misa.hisa_candidates", "block_size", block_size)
     check_positive_int("misa.hisa_candidates", "num_blocks", num_blocks)
-    return torch_impl.hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end,
-                                      mask, chunk)
+    return _implementation("hisa_candidates", q.device)(q, k, w, block_size, num_blocks, causal,
+        key_start, key_end, mask, chunk)
 
 
 @hisa_candidates.register_fake
