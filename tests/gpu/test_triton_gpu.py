@@ -205,11 +205,12 @@ def test_every_variant_runs_on_wider_dtypes_at_deepseek_head_shape(variant, dtyp
     config = misa_compile.MisaConfig(variant=variant, candidates=1024, hisa_block=128,
                                      hisa_blocks=8)
     values, indices = misa_compile.indexer_topk(q, k, w, 256, config)
-    cpu_values, cpu_indices = misa_compile.indexer_topk(q.cpu(), k.cpu(), w.cpu(), 256, config)
-    assert values.shape == cpu_values.shape
-    assert torch.isfinite(values).all()
-    # Same variant on the GPU and the CPU: equal selection quality, measured by the exact
-    # all-head scores of the chosen keys (ties may pick different but equal keys).
-    scores = reference.dense_scores(q, k, w).float().cpu()
-    assert torch.allclose(sorted_desc(scores.gather(-1, indices.cpu())),
-                          sorted_desc(scores.gather(-1, cpu_indices)), rtol=2e-2, atol=2e-2)
+    assert values.shape == (1, 64, 256) and torch.isfinite(values).all()
+    assert ((indices >= 0) & (indices < 5000)).all()
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "a key was selected twice"
+    if variant == "dense":
+        # Ties aside, the dense selection is unique: same exact scores as the CPU op's.
+        _, cpu_indices = misa_compile.indexer_topk(q.cpu(), k.cpu(), w.cpu(), 256, config)
+        scores = reference.dense_scores(q, k, w).float().cpu()
+        assert torch.allclose(sorted_desc(scores.gather(-1, indices.cpu())),
+                              sorted_desc(scores.gather(-1, cpu_indices)), rtol=1e-3, atol=1e-3)
