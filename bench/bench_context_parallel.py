@@ -14,8 +14,8 @@ per query of all-reduce + all-gather payload (CollectiveTraffic's definition), r
 single-device selection by the sharded one and the largest difference of their sorted values
 (relative; both compute in fp32 from bf16 inputs, so the order of summation differs).
 --impls picks the op implementations: "registered" (what the package registers for the device:
-the Triton kernels on CUDA) and/or "torch" (the chunked torch implementation, registered as the
-CUDA kernel for the rest of the run). Prints one table last (card named); writes JSON to --out."""
+the Triton kernels on CUDA) and/or "torch" (the chunked torch implementation, for the rest of the
+run). The table names the module that ran. Prints one table last (card named); writes JSON to --out."""
 from __future__ import annotations
 
 import argparse
@@ -66,42 +66,16 @@ def parse_args():
 
 
 def use_torch_implementation_on_cuda() -> None:
-    """Makes the chunked torch implementations the CUDA kernels of the ops the indexer uses."""
-    ops.dense_topk.register_kernel("cuda", _torch_dense)
-    ops.route_heads.register_kernel("cuda", _torch_route)
-    ops.routed_topk.register_kernel("cuda", _torch_routed)
-    ops.rerank_topk.register_kernel("cuda", _torch_rerank)
+    """Drops the CUDA entries of the ops' implementation table, so that the ops (still
+    validating their inputs) run the chunked torch implementation on the GPU too."""
+    for op_name in ("dense_topk", "route_heads", "routed_topk", "rerank_topk"):
+        ops._IMPLEMENTATIONS.pop((op_name, "cuda"), None)
 
 
-def _torch_dense(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None,
-                 chunk=0):
-    return torch_impl.dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk)
-
-
-def _torch_route(q, k, w, active_heads, block_size=1024, router="score", causal=True,
-                 key_start=None, key_end=None, mask=None, chunk=0):
-    return torch_impl.route_heads(q, k, w, active_heads, block_size, router, causal, key_start,
-                                  key_end, mask, chunk)
-
-
-def _torch_routed(q, k, w, heads, k_top, scale=1.0, causal=True, key_start=None, key_end=None,
-                  mask=None, chunk=0):
-    return torch_impl.routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask,
-                                  chunk)
-
-
-def _torch_rerank(q, k, w, candidates, k_top, scale=1.0, causal=True, key_start=None,
-                  key_end=None, mask=None, chunk=0):
-    return torch_impl.rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end,
-                                  mask, chunk)
-
-
-def implementation_in_use(impl: str, device: torch.device) -> str:
-    if device.type != "cuda" or impl == "torch":
-        return f"torch (kernels/torch_impl.py) on {device.type}"
-    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("misa::routed_topk", "CUDA")
-    return ("Triton (kernels/triton, the registered CUDA kernels)" if has_cuda_kernel
-            else "torch (kernels/torch_impl.py; no CUDA kernel registered)")
+def implementation_in_use(device: torch.device) -> str:
+    """The module implementing misa.routed_topk on `device` (the table falls back to torch)."""
+    chosen = ops._IMPLEMENTATIONS.get(("routed_topk", device.type), torch_impl.routed_topk)
+    return f"{chosen.__module__} on {device.type}"
 
 
 def config_for(args, variant: str, impl: str, local_keys: int) -> MisaConfig:
@@ -221,7 +195,7 @@ def main() -> None:
     for impl in args.impls:
         if impl == "torch" and device.type == "cuda":
             use_torch_implementation_on_cuda()
-        implementation = implementation_in_use(impl, device)
+        implementation = implementation_in_use(device)
         for keys in args.keys:
             for queries in args.queries:
                 for variant in args.variants:

@@ -100,6 +100,10 @@ def _local_metadata(group, q, k_local, w, k_top, config, key_offset, total_keys,
     check_scale(OP, scale)
     config.check_site(shape.heads, k_top)
     _check_int("total_keys", total_keys, 1, MAX_TOTAL_KEYS)
+    if causal and total_keys < shape.queries:
+        raise ValueError(f"{OP}: causal=True needs total_keys >= S (the S queries are the last S "
+                         f"of the keys), got S={shape.queries}, total_keys={total_keys}; pass "
+                         "causal=False with key ranges for other layouts")
     _check_int("key_offset", key_offset, 0, total_keys)
     if key_offset + local_keys > total_keys:
         raise ValueError(f"{OP}: key_offset={key_offset} + local keys {local_keys} = "

@@ -93,7 +93,9 @@ def sharded_cases(draw, world: int, variants=("dense", "misa", "misa_hier")) -> 
         key_start = torch.randint(-2, total + 1, (batch, queries), generator=gen)
         key_end = torch.randint(0, total + 3, (batch, queries), generator=gen)
     offsets, sizes = shards_from_cuts(total, cuts, list(order))
-    return ShardedCase(q, k, w, k_top, config, offsets, sizes, causal=draw(st.booleans()),
+    # End-aligned causality needs at least as many keys as queries.
+    causal = total >= queries and draw(st.booleans())
+    return ShardedCase(q, k, w, k_top, config, offsets, sizes, causal=causal,
                        key_start=key_start, key_end=key_end,
                        scale=draw(st.sampled_from((1.0, 0.5, 2.0))))
 

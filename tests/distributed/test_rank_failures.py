@@ -88,9 +88,13 @@ def test_bad_input_on_one_rank_is_reported_on_every_rank(rank_pools):
     (dict(key_offset=-1), "key_offset=-1; allowed range is [0, 20]"),
     (dict(config=MisaConfig(variant="hisa")), "config.variant='hisa' has no sharded form"),
     (dict(k_top=0), "k_top=0; allowed range is >= 1"),
+    (dict(total_keys=2, key_offset=0), "causal=True needs total_keys >= S"),
 ])
 def test_invalid_arguments(rank_pools, change, expected):
     kwargs = _case(2).rank_kwargs()
+    if "total_keys" in change:
+        kwargs[0]["k_local"] = kwargs[0]["k_local"][:, :2]
+        kwargs[1].update(total_keys=2, key_offset=2, k_local=kwargs[1]["k_local"][:, :0])
     kwargs[0].update(change)
     if "config" in change:
         kwargs[1].update(change)
