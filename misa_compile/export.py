@@ -13,9 +13,10 @@ still saves and loads.
 A plain torch.export.load of a program holding misa ops fails unless misa_compile was imported
 first: torch raises "RuntimeError: We ran into an error when deserializing the saved file" and
 only its logged warning names the op it could not resolve. misa_compile.load imports the ops and,
-when a file still needs ops nobody registered, names them in its error."""
+when a file still needs something nobody registered, says what in its error (LoadError)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zipfile
@@ -34,8 +35,8 @@ class ExportError(RuntimeError):
     """The model could not be captured or rewritten into an exportable program."""
 
 
-class MissingOpsError(RuntimeError):
-    """A saved program needs custom ops that are not registered in this process."""
+class LoadError(RuntimeError):
+    """A saved program cannot be loaded: it needs custom ops or types not registered here."""
 
 
 @dataclass(frozen=True)
@@ -99,18 +100,52 @@ def _rewrite(program: ExportedProgram, config: MisaConfig) -> MisaExport:
 
 
 def load(path: PathLike) -> ExportedProgram:
-    """torch.export.load with the misa ops registered. Raises MissingOpsError naming the ops when
-    the file needs custom ops that are not registered (saved by another misa_compile version, or
-    with another library's ops)."""
+    """torch.export.load with the misa ops registered. When loading fails, torch raises a generic
+    "error when deserializing" RuntimeError and only logs the cause; this raises LoadError with
+    the cause instead: the custom ops nobody registered (saved by another misa_compile version, or
+    with another library's ops), or the input/output type whose module must be imported first."""
     from . import kernels  # noqa: F401  (registers torch.ops.misa.*)
 
+    causes = _LoggedErrors()
+    torch_export_log = logging.getLogger("torch.export")
+    torch_export_log.addHandler(causes)
     try:
         return torch.export.load(path)
     except RuntimeError as error:
         missing = unresolved_ops(path)
-        if not missing:
-            raise
-        raise MissingOpsError(_missing_ops_message(path, missing)) from error
+        if missing:
+            raise LoadError(_missing_ops_message(path, missing)) from error
+        if causes.errors:
+            raise LoadError(_load_failure_message(path, causes.errors[-1])) from causes.errors[-1]
+        raise
+    finally:
+        torch_export_log.removeHandler(causes)
+
+
+class _LoggedErrors(logging.Handler):
+    """Collects the exceptions attached to log records (torch.export.load logs its real error)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def _load_failure_message(path: PathLike, error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    unregistered = re.search(r"Deserializing ([\w.]+) in pytree is not registered", text)
+    if unregistered:
+        type_path = unregistered.group(1)
+        module = type_path.rpartition(".")[0]
+        return (f"misa_compile.load: {os.fspath(path)} passes {type_path} in or out of the "
+                f"program; that type is known to torch once its module is imported: import "
+                f"{module} before loading")
+    return f"misa_compile.load: cannot load {os.fspath(path)}: {_first_line(error)}"
 
 
 def unresolved_ops(path: PathLike) -> list[str]:

@@ -6,17 +6,22 @@ bring the kernels as plugins.
     model_proto = misa_compile.to_onnx(model, (input_ids,), "model.onnx",
                                        config=MisaConfig(variant="misa"))
 
-Before translating, every misa op is checked against what the target can express: TopK's K is a
-constant per site, and `topk_limit` (3840 for TensorRT) caps it. A site over the cap is refused
-with an UnsupportedOnnxSite error naming the site and the rule."""
+Before translating, every misa op is checked against what the target can express. TopK's K must
+be a constant per site: a k_top that is symbolic under dynamic shapes is accepted only in the form
+min(c, T) of the site's own key count T (how Hugging Face indexers spell it), which the op already
+computes, so it becomes the constant c; any other symbolic k_top is refused. `topk_limit` (3840 for
+TensorRT) caps K. A refused site raises UnsupportedOnnxSite naming the site and the rule."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Iterator, Optional, Union
 
 import onnx
+import sympy
 import torch
 from torch.export import ExportedProgram
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .config import MisaConfig
 from .export import MisaExport, _first_line, export
@@ -58,6 +63,7 @@ def to_onnx(model_or_program: Union[torch.nn.Module, ExportedProgram, MisaExport
     else:
         raise TypeError("to_onnx: model_or_program must be an nn.Module, an ExportedProgram or a "
                         f"MisaExport, got {type(model_or_program).__name__}")
+    program = with_constant_k_tops(program)
     check_onnx_sites(program, topk_limit)
 
     from .onnx_ops import translation_table
@@ -68,15 +74,74 @@ def to_onnx(model_or_program: Union[torch.nn.Module, ExportedProgram, MisaExport
             custom_translation_table=translation_table(custom_domain),
             opset_version=opset_version)
     except Exception as error:  # the exporter's own error types vary between torch versions
-        raise OnnxExportError(f"to_onnx: torch.onnx.export failed: {_first_line(error)}") \
-            from error
+        raise OnnxExportError(
+            f"to_onnx: torch.onnx.export could not translate the program: "
+            f"{_first_line(_root_cause(error))}") from error
     if path is not None:
         onnx_program.save(os.fspath(path))
     return onnx_program.model_proto
 
 
+def with_constant_k_tops(program: ExportedProgram) -> ExportedProgram:
+    """A copy of `program` in which every symbolic k_top of a misa op is a constant. The ops
+    select min(k_top, T) keys, so a k_top of min(c, T) (T the op's own key count) is replaced by
+    c. Raises UnsupportedOnnxSite for any other symbolic k_top. Returns `program` itself when all
+    are constant already."""
+    replacements = {}
+    for node in _misa_nodes(program.graph):
+        args = _bound_args(node)
+        if isinstance(args.get("k_top"), torch.fx.Node):
+            replacements[node.name] = _k_top_bound(node, args)
+    if not replacements:
+        return program
+
+    def constant_k_tops(graph_module: torch.fx.GraphModule) -> PassResult:
+        for node in _misa_nodes(graph_module.graph):
+            if node.name in replacements:
+                _set_arg(node, "k_top", replacements[node.name])
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+    return copy.deepcopy(program)._transform_do_not_use(constant_k_tops)
+
+
+def _k_top_bound(node: torch.fx.Node, args: dict[str, Any]) -> int:
+    k_top = args["k_top"].meta.get("val")
+    keys = args["k"].meta["val"].shape[1]
+    k_expr = getattr(getattr(k_top, "node", None), "expr", None)
+    keys_expr = keys.node.expr if isinstance(keys, torch.SymInt) else sympy.Integer(keys)
+    # torch writes min() of sizes with its own sympy Min class (torch.utils._sympy.functions),
+    # so the function is recognised by name.
+    is_min = k_expr is not None and getattr(k_expr.func, "__name__", "") == "Min"
+    if is_min and len(k_expr.args) == 2 and keys_expr in k_expr.args:
+        (bound,) = [arg for arg in k_expr.args if arg != keys_expr]
+        if isinstance(bound, sympy.Integer) and bound > 0:
+            return int(bound)
+    raise UnsupportedOnnxSite(
+        f"to_onnx: site {_site_name(node)} ({node.target.name()}) has a symbolic k_top={k_top}; "
+        "ONNX TopK needs a constant K, and the translation expresses a symbolic k_top only as "
+        f"min(c, T) of the site's key count T={keys}; export with a static key axis or a "
+        "constant k_top")
+
+
+def _set_arg(node: torch.fx.Node, name: str, value: Any) -> None:
+    index = [arg.name for arg in node.target._schema.arguments].index(name)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def _misa_nodes(graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "misa":
+            yield node
+
+
 def check_onnx_sites(program: ExportedProgram, topk_limit: Optional[int] = None) -> None:
-    """Raises UnsupportedOnnxSite for the first misa op whose constant TopK K exceeds topk_limit."""
+    """Raises UnsupportedOnnxSite for the first misa op whose constant TopK K exceeds topk_limit
+    (k_top must already be constant: see with_constant_k_tops)."""
     if topk_limit is None:
         return
     for node, site, k, rule in _topk_sizes(program):
@@ -92,9 +157,7 @@ def _topk_sizes(program: ExportedProgram) -> Iterator[tuple[torch.fx.Node, str, 
     """(node, site name, constant K, which argument sets it) of every misa op in the program.
     K is what onnx_ops emits: min(n, T) when the key count T is static, else n itself."""
     ops = torch.ops.misa
-    for node in program.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "namespace", None) != "misa":
-            continue
+    for node in _misa_nodes(program.graph):
         args = _bound_args(node)
         keys = _static_keys(args["k"])
         packet = node.target._overloadpacket
@@ -134,3 +197,11 @@ def _site_name(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [path for path, _ in stack.values() if path]
     return f"{paths[-1]}:{node.name}" if paths else node.name
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost chained exception: the exporter wraps the useful message (which op has no
+    ONNX function, say) in generic "step 3/3" errors."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
