@@ -2,6 +2,21 @@
 from .config import MisaConfig
 from . import kernels  # noqa: F401  (registers torch.ops.misa.*)
 from .kernels import indexer_topk
+# Imported eagerly: the function `export` shares its name with the module misa_compile.export,
+# and a lazy attribute would be shadowed by the module as soon as anything imported it.
+from .export import export, load
+# Eager for the same reason: `explain` is also the name of the module misa_compile.explain.
+from .explain import explain
+from .report import SiteReport
 
 __version__ = "0.1.0"
-__all__ = ["MisaConfig", "indexer_topk", "__version__"]
+__all__ = ["MisaConfig", "SiteReport", "explain", "indexer_topk", "export", "load", "to_onnx",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    # onnx and onnxscript are imported only by users of the ONNX export.
+    if name == "to_onnx":
+        from .onnx_export import to_onnx
+        return to_onnx
+    raise AttributeError(f"module 'misa_compile' has no attribute {name!r}")
