@@ -74,10 +74,9 @@ def export(model: torch.nn.Module, args: Any, kwargs: Optional[dict] = None, *,
                                       strict=strict)
     except Exception as error:  # torch.export raises many unrelated types; all mean "not captured"
         raise ExportError(
-            f"misa_compile.export: torch.export could not capture {type(model).__name__}: "
-            f"{_first_line(error)}\n(the model must be traceable by torch.export: no "
-            "data-dependent Python control flow or side effects; the torch error is chained "
-            "below)") from error
+            f"misa_compile.export: torch.export could not capture {type(model).__name__}:\n"
+            f"{_leading_lines(error, 6)}\n(the full torch.export error is chained below)") \
+            from error
     program = program.run_decompositions()
     return _rewrite(program, config)
 
@@ -191,3 +190,8 @@ def _missing_ops_message(path: PathLike, missing: list[str]) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _leading_lines(error: BaseException, count: int) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return "\n".join("  " + line for line in lines[:count]) or f"  {type(error).__name__}"

@@ -194,9 +194,11 @@ def _static_keys(k_node: Any) -> Optional[int]:
 
 
 def _site_name(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [path for path, _ in stack.values() if path]
-    return f"{paths[-1]}:{node.name}" if paths else node.name
+    """"module.path:node" as the site report spells it (the rewrite copies the replaced top-k's
+    module stack onto the misa nodes)."""
+    from .passes.find_indexers import site_name
+
+    return site_name(node)
 
 
 def _root_cause(error: BaseException) -> BaseException:

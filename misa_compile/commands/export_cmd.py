@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", choices=ROUTERS, default=None,
                         help="MISA router: score (the paper's) or qnorm")
     parser.add_argument("--dynamic", action="store_true",
-                        help="export axes 0 and 1 (batch, sequence) of every tensor input as "
-                             "dynamic where the model allows it")
+                        help="export every axis of every tensor input as dynamic where the model "
+                             "allows it (batch, sequence, key axes); the model's own sizes stay "
+                             "fixed")
     parser.add_argument("--custom-domain", action="store_true",
                         help="ONNX: one 'misa'-domain node per op (for runtimes with plugins) "
                              "instead of standard operators")
@@ -105,7 +106,7 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
         model, example_args = call_factory(factory, factory_kwargs, args.factory)
         progress.update()
         progress.set_postfix_str(stages[1])
-        dynamic_shapes = dynamic_batch_and_sequence(example_args) if args.dynamic else None
+        dynamic_shapes = dynamic_axes(example_args) if args.dynamic else None
         result = misa_compile.export(model, example_args, config=config,
                                      dynamic_shapes=dynamic_shapes)
         progress.update()
@@ -193,15 +194,14 @@ def call_factory(factory, kwargs: dict[str, Any], spec: str):
     return model, example_args
 
 
-def dynamic_batch_and_sequence(example_args: tuple) -> tuple:
-    """Axes 0 and 1 of every tensor input as Dim.AUTO: dynamic where the model allows it, static
-    where it specialises them."""
+def dynamic_axes(example_args: tuple) -> tuple:
+    """Every axis of every tensor input as Dim.AUTO: dynamic where the model allows it, static
+    where the model fixes it (a weight's width, a head count) or the example has size 1."""
     import torch
 
     auto = torch.export.Dim.AUTO
-    return tuple({axis: auto for axis in range(min(arg.dim(), 2))}
-                 if isinstance(arg, torch.Tensor) and arg.dim() else None
-                 for arg in example_args)
+    return tuple({axis: auto for axis in range(arg.dim())} if isinstance(arg, torch.Tensor)
+                 else None for arg in example_args)
 
 
 def input_shapes(program) -> list[str]:

@@ -1,0 +1,20 @@
+"""Model factories for the `misa export` command tests: MODULE:FACTORY targets that return
+(model, example_args)."""
+from __future__ import annotations
+
+import torch
+
+from ..passes.indexer_zoo import HostSpec, IndexerSpec, build_host, make_inputs
+
+
+def indexer_host(heads: int = 4, queries: int = 6, keys: int = 10):
+    """A zoo host with one DSA indexer (matmul spelling, additive mask, values and indices out)."""
+    host = HostSpec(sites=(IndexerSpec(qk="matmul", head_sum="matmul_weights", scale="hf",
+                                       mask="additive_inf", outputs="both", heads=heads,
+                                       k_top=3),))
+    return build_host(host), make_inputs(host, queries=queries, keys=keys)
+
+
+def model_without_inputs():
+    """Wrong on purpose: a model alone, not (model, example_args)."""
+    return torch.nn.Linear(2, 2)
