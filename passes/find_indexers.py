@@ -17,6 +17,7 @@ indexer and is not reported. A top-k that has that core but breaks a rule is ret
 SiteRefusal with a reason code (reasons.py); only a fully proven IndexerSite may be rewritten."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -29,6 +30,7 @@ from . import reasons as R
 from .axis_labels import Dims, LabelSpace, LayoutError, concrete, is_unit, size_hint
 
 aten = torch.ops.aten
+logger = logging.getLogger("misa_compile")
 
 # Nodes the matcher may look at per top-k: enough for any indexer spelling, small enough that a
 # top-k deep inside unrelated code gives up quickly.
@@ -210,6 +212,10 @@ def _match_topk(topk: Node, python_scalars: frozenset) -> Optional[Match]:
         return matcher.refusal(refusal.reason, refusal.detail)
     except _NotAnIndexer:
         return None
+    except Exception:  # noqa: BLE001  (an unforeseen graph must never break the user's compile)
+        logger.warning("misa: could not analyse %s; it is left untouched", topk.name,
+                       exc_info=True)
+        return None
 
 
 class _NotAnIndexer(Exception):
@@ -313,7 +319,7 @@ class _Matcher:
                         mask.factor *= factor
             return found
         hits = self._score_operands(node, dims, self._outer)
-        if len(hits) != 1:
+        if len(hits) != 1 or (node.target in ops.DIVS and hits[0][0] is not node.args[0]):
             return None
         found, other = hits[0][1], hits[0][2]
         if node.target in ops.MULS and self._is_python_scalar(other) \
@@ -436,6 +442,8 @@ class _Matcher:
                         branch.scale_below *= factor
             else:
                 hits = self._score_operands(node, dims, lambda n, d: self._inner(n, d, above))
+                if target in ops.DIVS and hits and hits[0][0] is not node.args[0]:
+                    hits = []  # c / score: not a scaled score
                 if len(hits) == 2:
                     branch = hits[0][1]
                     branch.issues.insert(0, (R.NOT_RELU, f"{_op(node)} multiplies the score by "
@@ -444,7 +452,7 @@ class _Matcher:
                     _, branch, other = hits[0]
                     if target in ops.MULS and self._is_python_scalar(other):
                         (branch.runtime_above if above else branch.runtime_below).append(other)
-                    elif above:
+                    elif above and target in ops.MULS:
                         branch.weights.append(self._follow(other, _broadcast_dims(dims, other)))
                     else:
                         branch.issues.insert(0, (R.UNKNOWN_SCALE, f"{_op(node)} scales the "
@@ -484,7 +492,10 @@ class _Matcher:
             return []
         hits = []
         for i, operand in enumerate(operands):
-            result = parse(operand, _broadcast_dims(dims, operand))
+            try:
+                result = parse(operand, _broadcast_dims(dims, operand))
+            except LayoutError:
+                result = None  # this operand's layout cannot be followed: not the score side
             if result is not None:
                 hits.append((operand, result, operands[1 - i]))
         return hits
@@ -496,8 +507,7 @@ class _Matcher:
         space = self.space
         if target == aten.bmm.default or target == aten.mm.default:
             a, b = node.args[0], node.args[1]
-            a_shape, b_shape = ops.shape(a), ops.shape(b)
-            summed = space.fresh_dims([a_shape[-1]])[0]
+            summed = space.fresh_dims([ops.shape(a)[-1]])[0]
             if target == aten.bmm.default:
                 a_dims = [dims[0], dims[1], summed]
                 b_dims = [dims[0], summed, dims[2]]
@@ -575,37 +585,39 @@ class _Matcher:
         return Contraction(node, factors, summed, scale * factor_scale, interior)
 
     def _product(self, node: Node, dims: Dims):
-        """Flattens a tree of multiplications (through views and casts) into its tensor factors
-        and the product of its constant factors."""
-        stack = [(node, dims)]
+        """Flattens a tree of multiplications (through views and casts) into its tensor factors.
+        Constant factors on the way to the first split are the product's own scale; below a split
+        they stay inside their factor (a constant times the weights is part of the weights)."""
+        stack = [(node, dims, True)]
         factors, interior = [], []
         scale = 1.0
         while stack:
             self._visit()
-            current, current_dims = stack.pop()
+            current, current_dims, top = stack.pop()
             target = current.target if current.op == "call_function" else None
-            if target in ops.MULS and _scalar_step(current) is None:
-                interior.append(current)
-                for operand in current.args[:2]:
-                    stack.append((operand, _broadcast_dims(current_dims, operand)))
-                continue
             step = _scalar_step(current) if target in ops.MULS or target in ops.DIVS \
                 or target == aten.neg.default else None
-            if step is not None:
+            if target in ops.MULS and step is None:
+                interior.append(current)
+                for operand in current.args[:2]:
+                    stack.append((operand, _broadcast_dims(current_dims, operand), False))
+                continue
+            if step is not None and top:
                 factor, operand = step
                 if factor is None:
                     return None
                 scale *= factor
                 interior.append(current)
-                stack.append((operand, _broadcast_dims(current_dims, operand)))
+                stack.append((operand, _broadcast_dims(current_dims, operand), top))
                 continue
             if ops.is_value_preserving(current):
                 chain = self._follow(current, current_dims)
                 bottom = chain.source.node
                 if bottom is not current and bottom.op == "call_function" \
-                        and bottom.target in ops.MULS:
+                        and bottom.target in ops.MULS \
+                        and (top or _scalar_step(bottom) is None):
                     interior.extend(link.node for link in chain.links[:-1])
-                    stack.append((bottom, chain.source.dims))
+                    stack.append((bottom, chain.source.dims, top))
                     continue
             factors.append((current, current_dims))
         return factors, scale, interior

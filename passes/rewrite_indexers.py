@@ -13,6 +13,7 @@ then removes the dead dense scores. Sites the matcher refused, and sites the con
 not fit, are left as they are and reported."""
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Collection, Optional, Union
 
@@ -28,6 +29,7 @@ from .find_indexers import IndexerSite, SiteRefusal, find_indexer_sites
 from .graph_builder import Arranger, GraphBuilder
 
 aten = torch.ops.aten
+logger = logging.getLogger("misa_compile")
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -78,6 +80,12 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
         builder.undo()
         return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"could not rearrange the operands: "
                         f"{error}", site)
+    except Exception as error:  # noqa: BLE001  (a failed rewrite must leave the site as it was)
+        builder.undo()
+        logger.warning("misa: rewriting %s failed; it is left untouched", site.name,
+                       exc_info=True)
+        return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"the rewrite failed: "
+                        f"{type(error).__name__}: {error}", site)
     runtime = "".join(f" x {node.name}" for node, _ in site.runtime_factors)
     detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} "
               f"scale={site.scale:.6g}{runtime}"

@@ -209,3 +209,17 @@ def test_export_graph_spelling_matches_the_dynamo_one():
                                    ALL_HEADS)
     fields = lambda r: (r.heads, r.k_top, r.layout, r.dtype, r.mask, r.variant)  # noqa: E731
     assert [fields(r) for r in dynamo.rewritten] == [fields(r) for r in export.rewritten]
+
+
+def _negated_weights(q, k, w, visible):
+    scores = torch.einsum("bshd,btd->bsht", q, k).relu()
+    index = (scores * (w * -H ** -0.5)[..., None]).sum(2)
+    return index.masked_fill(~visible, float("-inf"))
+
+
+def test_a_negative_constant_on_the_weights_is_part_of_the_signed_weights():
+    q, k, w, visible, _ = inputs()
+    indices, report, _ = compile_with_rewrite(lambda *a: _negated_weights(*a).topk(K).indices,
+                                              (q, k, w, visible), ALL_HEADS)
+    assert len(report.rewritten) == 1, str(report)
+    check_selection(indices, _negated_weights(q, k, w, visible))
