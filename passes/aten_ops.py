@@ -30,9 +30,6 @@ NEGATIONS = {aten.bitwise_not.default, aten.logical_not.default}
 
 MULS = {aten.mul.Tensor, aten.mul.Scalar}
 DIVS = {aten.div.Tensor, aten.div.Scalar}
-RELU_LIKE = {aten.relu.default, aten.clamp_min.default, aten.clamp.default,
-             aten.threshold.default}
-BMM = {aten.bmm.default, aten.mm.default}
 SUMS = {aten.sum.dim_IntList, aten.mean.dim}
 ADDS = {aten.add.Tensor}
 WHERES = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
