@@ -32,6 +32,7 @@ MULS = {aten.mul.Tensor, aten.mul.Scalar}
 DIVS = {aten.div.Tensor, aten.div.Scalar}
 SUMS = {aten.sum.dim_IntList, aten.mean.dim}
 ADDS = {aten.add.Tensor}
+SUBS = {aten.sub.Tensor}
 WHERES = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
 MASKED_FILLS = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 
@@ -154,19 +155,35 @@ def _module_attr(module: Optional[torch.nn.Module], target: str):
     return obj
 
 
-def is_relu(node: Node) -> bool:
-    """relu, or an op provably identical to it: clamp_min(x, 0), clamp(x, 0, None),
-    threshold(x, 0, 0)."""
+def relu_input(node: Node) -> Optional[Node]:
+    """The input of relu, or of an op provably identical to it: clamp_min(x, 0),
+    clamp(x, 0, None), threshold(x, 0, 0), maximum(x, zeros) (NaN propagates through all of
+    them alike). None for any other op."""
     target = node.target
+    x = node.args[0] if node.args else None
     if target == aten.relu.default:
-        return True
+        return x
     if target == aten.clamp_min.default:
-        return scalar_value(node.args[1]) == 0.0
+        return x if scalar_value(node.args[1]) == 0.0 else None
     if target == aten.clamp.default:
-        return scalar_value(arg(node, 1, "min")) == 0.0 and arg(node, 2, "max") is None
+        return x if scalar_value(arg(node, 1, "min")) == 0.0 and arg(node, 2, "max") is None \
+            else None
     if target == aten.threshold.default:
-        return scalar_value(node.args[1]) == 0.0 and scalar_value(node.args[2]) == 0.0
-    return False
+        return x if scalar_value(node.args[1]) == 0.0 and scalar_value(node.args[2]) == 0.0 \
+            else None
+    if target == aten.maximum.default:
+        for value, zero in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            same_shape = tensor_val(value) is not None \
+                and tuple(tensor_val(value).shape) == tuple(tensor_val(node).shape)
+            if same_shape and scalar_value(zero) == 0.0:
+                return value
+    return None
+
+
+# Ops that read only the shape, dtype or device of their tensor input, never its values.
+SHAPE_READERS = {aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
+                 aten.empty_like.default, aten.new_full.default, aten.new_zeros.default,
+                 aten.new_ones.default, aten.new_empty.default}
 
 
 def getitem_users(node: Node) -> dict[int, list[Node]]:

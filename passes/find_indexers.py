@@ -81,7 +81,8 @@ class Mask:
     kind: str            # "bool" (True = visible once `invert` is applied) or "additive"
     operand: Operand
     invert: bool = False  # bool masks: the operand marks hidden keys
-    factor: float = 1.0   # additive masks: positive scale applied after the mask was added
+    factor: float = 1.0   # additive masks: the bias is multiplied by it (-1 for a subtraction,
+    #                       times the positive scales applied after the bias was added)
 
 
 @dataclass
@@ -243,6 +244,7 @@ class _Matcher:
         self.space = LabelSpace()
         self.visits = 0
         self.known: dict[str, Any] = {}
+        self.top_label: Optional[int] = None  # the axis top-k runs along
 
     def refusal(self, reason: str, detail: str) -> SiteRefusal:
         return SiteRefusal(site_name(self.topk), self.topk, reason, detail, **self.known)
@@ -265,6 +267,8 @@ class _Matcher:
         self.known.update(k_top=_k_text(k_top), dtype=value.dtype)
         try:
             dims = self.space.fresh_dims(value.shape)
+            if isinstance(dim, int) and len(dims[dim % value.dim()]) == 1:
+                self.top_label = dims[dim % value.dim()][0]
             outer = self._outer(scores, dims, lookahead=True)
         except LayoutError:
             return None
@@ -289,7 +293,7 @@ class _Matcher:
             found = self._outer(node.args[0], ops.input_dims(self.space, node, dims), lookahead)
         elif target in ops.MULS or target in ops.DIVS or target == aten.neg.default:
             found = self._outer_scale(node, dims, lookahead)
-        elif target in ops.ADDS:
+        elif target in ops.ADDS or target in ops.SUBS:
             found = self._outer_add(node, dims)
         elif target in ops.WHERES or target in ops.MASKED_FILLS:
             found = self._outer_fill(node, dims)
@@ -331,18 +335,24 @@ class _Matcher:
         return found
 
     def _outer_add(self, node: Node, dims: Dims) -> Optional[_Outer]:
+        """score + bias, or score - bias (a bias with factor -1): an additive mask."""
         hits = self._score_operands(node, dims, self._outer)
         if len(hits) != 1:
             return None
-        _, found, other = hits[0]
+        score, found, other = hits[0]
         alpha = node.kwargs.get("alpha", 1)
         mask_val = ops.tensor_val(other)
         if alpha != 1 or mask_val.dtype not in ops.FLOAT_DTYPES:
             found.issues.insert(0, (R.UNKNOWN_MASK, f"{_op(node)} adds {other.name} "
                                     f"({mask_val.dtype}, alpha={alpha}) to the index score"))
             return found
+        if node.target in ops.SUBS and score is node.args[1]:
+            found.issues.insert(0, (R.NEGATIVE_SCALE, f"{_op(node)} subtracts the index score "
+                                    "from a bias (a factor of -1)"))
+            return found
         operand = self._follow(other, _broadcast_dims(dims, other))
-        found.masks.append(Mask("additive", operand))
+        found.masks.append(Mask("additive", operand,
+                                factor=-1.0 if node.target in ops.SUBS else 1.0))
         return found
 
     def _outer_fill(self, node: Node, dims: Dims) -> Optional[_Outer]:
@@ -400,7 +410,14 @@ class _Matcher:
             branch = self._inner(node, dims, above=True)
             if branch is not None:
                 hits.append((i, branch))
-        if len(hits) != 1:
+        if len(hits) > 1:
+            # Weights can be an activation of a contraction too (softmax(x @ Wp)): the score is
+            # the branch whose bilinear form reads the top-k axis, then the one with a ReLU.
+            ranked = sorted(hits, key=lambda hit: self._score_rank(hit[1]), reverse=True)
+            if self._score_rank(ranked[0][1]) == self._score_rank(ranked[1][1]):
+                return None
+            hits = ranked[:1]
+        if not hits:
             return None
         index, branch = hits[0]
         weights = [self._follow(n, d) for i, (n, d) in enumerate(reduction.factors) if i != index]
@@ -410,6 +427,12 @@ class _Matcher:
             found.issues.append(issue)
         found.interior.extend(reduction.interior)
         return found
+
+    def _score_rank(self, branch: ScoreBranch) -> tuple[bool, bool, bool]:
+        reads_top = any(self.top_label in self.space.flat(self._follow(n, d).source.dims)
+                        for n, d in branch.bilinear.factors) if self.top_label is not None \
+            else False
+        return reads_top, branch.relu is not None, not branch.issues
 
     def _inner(self, node: Any, dims: Dims, above: bool) -> Optional[ScoreBranch]:
         """From a factor of the head reduction down to the bilinear form. `above` is True until
@@ -423,8 +446,8 @@ class _Matcher:
         branch: Optional[ScoreBranch] = None
         if ops.is_value_preserving(node):
             branch = self._inner(node.args[0], ops.input_dims(self.space, node, dims), above)
-        elif ops.is_relu(node):
-            branch = self._inner(node.args[0], dims, above=False)
+        elif ops.relu_input(node) is not None:
+            branch = self._inner(ops.relu_input(node), dims, above=False)
             if branch is not None and branch.relu is None:
                 branch.relu = node
         elif target in ops.MULS or target in ops.DIVS or target == aten.neg.default:
@@ -733,6 +756,10 @@ class _Matcher:
         interior = _unique(outer.interior + branch.interior
                            + [outer.reduction.node, branch.bilinear.node])
         inside = set(interior) | {self.topk}
+        # full_like(scores, -inf) and the like read only the shape: harmless if they feed the
+        # site alone (they die with it).
+        inside |= {u for n in interior for u in n.users
+                   if u.target in ops.SHAPE_READERS and set(u.users) <= inside}
         for node in interior:
             others = [u.name for u in node.users if u not in inside]
             if others:

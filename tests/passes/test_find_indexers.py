@@ -83,6 +83,21 @@ def where_hidden_first(q, k, w, visible):
     return where_hidden_first_scores(q, k, w, visible).topk(K).indices
 
 
+def maximum_softmax_weights_alibi_scores(q, k, w, visible):
+    """ReLU as maximum(x, zeros_like(x)), weights through a softmax (itself an activation of a
+    contraction in real models), an ALiBi-like bias subtracted, where with full_like(-inf)."""
+    logits = torch.einsum("bshd,btd->bsht", q, k)
+    scores = torch.maximum(logits, torch.zeros_like(logits))
+    index = torch.einsum("bsht,bsh->bst", scores, (w @ torch.eye(H)).softmax(-1))
+    distance = (torch.arange(S)[:, None] + (T - S) - torch.arange(T)[None, :]).float()
+    index = index - 0.1 * distance
+    return torch.where(visible, index, torch.full_like(index, float("-inf")))
+
+
+def maximum_softmax_weights_alibi(q, k, w, visible):
+    return maximum_softmax_weights_alibi_scores(q, k, w, visible).topk(K).indices
+
+
 def inputs(seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, S, H, D, generator=g).to(dtype)
@@ -193,6 +208,14 @@ def test_where_with_the_fill_first_marks_hidden_keys():
     assert site.mask_kind == "bool" and site.masks[0].invert
 
 
+def test_maximum_relu_softmax_weights_subtracted_bias_and_full_like_fill_are_found():
+    q, k, w, visible, _ = inputs()
+    site = only_site(aten_graph(maximum_softmax_weights_alibi, q, k, w, visible))
+    assert (site.heads, site.k_top, site.mask_kind) == (H, K, "additive+bool")
+    (bias,) = [m for m in site.masks if m.kind == "additive"]
+    assert bias.factor == -1.0
+
+
 def test_dynamic_shapes_are_proven_from_symbolic_sizes():
     q, k, w, visible, _ = inputs()
     gm = aten_graph(einsum_masked_fill, q, k, w, visible, dynamic=True)
@@ -296,10 +319,9 @@ def _scores_returned(q, k, w, visible):
     return index.topk(K).indices, index
 
 
-def _subtracted_bias(q, k, w, visible):
+def _exp_before_topk(q, k, w, visible):
     scores = torch.einsum("bshd,btd->bsht", q, k).relu()
-    index = torch.einsum("bsht,bsh->bst", scores, w)
-    return (index - visible.float()).topk(K).indices
+    return torch.einsum("bsht,bsh->bst", scores, w).exp().topk(K).indices
 
 
 NEAR_MISSES = [
@@ -313,7 +335,7 @@ NEAR_MISSES = [
     (_smallest, reasons.SMALLEST_TOPK, ()),
     (_mask_fills_zero, reasons.UNKNOWN_MASK, ()),
     (_scores_returned, reasons.SCORES_USED_ELSEWHERE, ()),
-    (_subtracted_bias, reasons.UNSUPPORTED_LAYOUT, ()),
+    (_exp_before_topk, reasons.UNSUPPORTED_LAYOUT, ()),
 ]
 
 

@@ -18,7 +18,8 @@ from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
 from .test_find_indexers import (
     B, H, K, S, SCALE, T, _scores_returned, aten_graph, bmm_where_tril, bmm_where_tril_scores,
     einsum_masked_fill, einsum_masked_fill_scores, exported_graph, flat_inputs, flat_mul_sum,
-    flat_mul_sum_scores, hf_matmul_weights, hf_matmul_weights_scores, inputs, where_hidden_first,
+    flat_mul_sum_scores, hf_matmul_weights, hf_matmul_weights_scores, inputs,
+    maximum_softmax_weights_alibi, maximum_softmax_weights_alibi_scores, where_hidden_first,
     where_hidden_first_scores, AsModule)
 
 MISA = torch.ops.misa
@@ -77,6 +78,8 @@ SPELLINGS = {
                           lambda a: a[:3] + (a[4],)),
     "bmm_where_tril": (bmm_where_tril, bmm_where_tril_scores, lambda a: a[:3]),
     "where_hidden_first": (where_hidden_first, where_hidden_first_scores, lambda a: a[:4]),
+    "maximum_softmax_weights_alibi": (maximum_softmax_weights_alibi,
+                                      maximum_softmax_weights_alibi_scores, lambda a: a[:4]),
 }
 
 
