@@ -49,9 +49,17 @@ def visibility_names(kind: str) -> tuple[str, ...]:
             "additive_mask": ("mask",)}.get(kind, ())
 
 
+CAUSAL_KINDS = ("causal", "bool_mask")
+
+
+def visible_sizes(kind: str, queries: int, keys: int) -> tuple[int, int]:
+    """(queries, keys) valid for `kind`: end-aligned causal visibility needs T >= S."""
+    return queries, max(keys, queries) if kind in CAUSAL_KINDS else keys
+
+
 def visibility_kwargs(kind: str, visibility: tuple[Tensor, ...]) -> dict:
     given = dict(zip(visibility_names(kind), visibility))
-    return dict(causal=kind in ("causal", "bool_mask"), key_start=given.get("key_start"),
+    return dict(causal=kind in CAUSAL_KINDS, key_start=given.get("key_start"),
                 key_end=given.get("key_end"), mask=given.get("mask"))
 
 
