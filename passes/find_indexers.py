@@ -429,9 +429,9 @@ class _Matcher:
         return found
 
     def _score_rank(self, branch: ScoreBranch) -> tuple[bool, bool, bool]:
-        reads_top = any(self.top_label in self.space.flat(self._follow(n, d).source.dims)
-                        for n, d in branch.bilinear.factors) if self.top_label is not None \
-            else False
+        top = set(self.space.resolve(self.top_label)) if self.top_label is not None else set()
+        reads_top = any(top & set(self.space.flat(self._follow(n, d).source.dims))
+                        for n, d in branch.bilinear.factors)
         return reads_top, branch.relu is not None, not branch.issues
 
     def _inner(self, node: Any, dims: Dims, above: bool) -> Optional[ScoreBranch]:
@@ -693,8 +693,9 @@ class _Matcher:
         if top not in deps_a | deps_b or len(heads) != 1 or heads[0] not in deps_a | deps_b:
             raise _NotAnIndexer()
         head = heads[0]
-        for code, detail in outer.issues + branch.issues:
-            raise R.SiteRefused(code, detail)
+        issues = outer.issues + branch.issues
+        if issues:
+            raise R.SiteRefused(*issues[0])
         if ops.arg(self.topk, 3, "largest", True) is not True:
             raise R.SiteRefused(R.SMALLEST_TOPK, "top-k selects the smallest scores "
                                 "(largest=False)")
@@ -846,11 +847,10 @@ def _unique(nodes: list[Node]) -> list[Node]:
 
 
 def _op(node: Node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", None) or str(target)
-    overload = getattr(target, "_overloadpacket", None)
-    if overload is not None:
-        name = f"aten.{target._schema.name.split('::')[-1]}"
+    """`aten.exp (exp_1)`: the op and the node, for refusal details."""
+    schema = getattr(node.target, "_schema", None)
+    name = schema.name.replace("::", ".") if schema is not None \
+        else getattr(node.target, "__name__", str(node.target))
     return f"{name} ({node.name})"
 
 
