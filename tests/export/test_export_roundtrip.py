@@ -17,6 +17,7 @@ from misa_compile.export import MisaExport
 
 from ..passes.indexer_zoo import HostSpec, IndexerSpec, build_host, make_inputs
 from ..passes.test_spellings import check_host, check_report
+from .onnx_cases import assert_same_selection
 
 # Indexer hosts built by the zoo: several spellings (einsum / matmul / per-head bmm, head sums by
 # mul+sum or matmul, positive scales in different places, additive / bool / in-graph causal masks,
@@ -103,6 +104,24 @@ def test_plain_torch_export_load_works_once_misa_compile_is_imported(tmp_path):
     loaded = torch.export.load(tmp_path / "indexer.pt2")
     assert any(getattr(n.target, "namespace", None) == "misa" for n in loaded.graph.nodes)
     assert_identical(run(loaded, q, k, w), run(result.program, q, k, w))
+
+
+def test_to_onnx_of_a_module_rewrites_it_and_writes_the_file(tmp_path):
+    class Indexer(torch.nn.Module):
+        def forward(self, q, k, w):
+            scores = (torch.einsum("bshd,btd->bsht", q, k).relu() * w[..., None]).sum(2)
+            return scores.topk(4, dim=-1)
+
+    q, k, w = torch.rand(2, 3, 4, 8), torch.rand(2, 9, 8), torch.randn(2, 3, 4)  # q.k > 0: no ties
+    path = tmp_path / "indexer.onnx"
+    model_proto = misa_compile.to_onnx(Indexer(), (q, k, w), path, config=all_heads(4))
+    assert path.exists()
+    assert {"TopK", "GatherElements"} <= {node.op_type for node in model_proto.graph.node}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values, indices = session.run(None, {"q": q.numpy(), "k": k.numpy(), "w": w.numpy()})
+    want_values, want_indices = Indexer()(q, k, w)
+    assert_same_selection(torch.from_numpy(values), torch.from_numpy(indices), want_values,
+                          want_indices, keys=9)
 
 
 # ---------------------------------------------------------------------------------------------
