@@ -24,18 +24,20 @@ from torch import Tensor, nn
 
 from misa_compile.kernels import reference
 
-QK_FORMS = ("einsum", "matmul", "matmul_keys_first", "bmm_heads", "bmm_queries")
-HEAD_SUMS = ("mul_sum", "matmul_weights", "einsum")
-SCALES = ("none", "before_relu", "divide_before_relu", "after_relu", "weights", "query", "hf")
-# w * -(H**-0.5): a negative factor on the per-head weights is still a DSA indexer (the weights
-# are signed; the op takes w' = -c*w), but the matcher refuses it for now, so it is kept out of
-# the composed searches and tested on its own.
-NEGATED_WEIGHTS = "negated_weights"
+QK_FORMS = ("einsum", "matmul", "matmul_keys_first", "bmm_heads", "bmm_queries",
+            "expanded_keys", "mul_sum")
+HEAD_SUMS = ("mul_sum", "matmul_weights", "einsum", "mean")
+SCALES = ("none", "before_relu", "divide_before_relu", "after_relu", "weights", "query", "hf",
+          "negated_weights")
+RELU_FORMS = ("relu", "clamp_min", "relu_inplace", "threshold", "maximum")
+WEIGHT_FNS = ("linear", "softmax", "sigmoid")
 DTYPES = ("fp32", "bf16_upcast", "bf16_mixed", "fp16_upcast", "bf16")
 MASKS = ("none", "additive_inf", "additive_finfo", "bool_masked_fill", "bool_where", "tril",
-         "arange", "triu_additive")
+         "arange", "triu_additive", "key_padding", "causal_and_keep", "two_masks", "alibi_add",
+         "one_minus_keep", "alibi_sub", "where_full_like")
 LAYOUTS = ("batch", "flat")
-OUTPUTS = ("indices", "values", "both", "getitem")
+OUTPUTS = ("indices", "values", "both", "getitem", "int32", "positive_dim")
+ALIBI_SLOPE = 0.05
 
 # Near-misses and the reason code the report must give for each.
 NEGATIVE_REASONS = {
@@ -49,13 +51,23 @@ NEGATIVE_REASONS = {
     "smallest_topk": "smallest_topk",
     "scores_returned": "scores_used_elsewhere",
     "fill_with_zero": "unknown_mask",          # masked_fill(~keep, 0): hidden keys can still win
+    # Not DSA, and any refusal (or none: not recognised as indexer-like) is acceptable; only a
+    # rewrite is wrong.
+    "per_query_keys": None,                    # k + a per-query shift: keys differ per query
+    "key_dependent_weights": None,             # w * sigmoid(per-key gate): weights vary by key
+    "mask_inside_head_sum": None,              # per-head scores zeroed (not hidden) before the sum
+    "bias_before_relu": None,                  # ReLU(q.k + b_h)
+    "relu_after_weights": None,                # ReLU(w * q.k): the weight sign enters the ReLU
+    "relu_after_sum": None,                    # ReLU(sum_h w * q.k)
+    "amax_over_heads": None,                   # max over heads instead of the weighted sum
 }
 
 # Masks whose visibility comes from the host's `keep` input; the rest are causal (end-aligned)
 # built inside the graph, or absent.
 INPUT_MASKS = ("additive_inf", "additive_finfo", "bool_masked_fill", "bool_where",
-               "fill_with_zero")
-IN_GRAPH_MASKS = ("tril", "arange", "triu_additive")
+               "fill_with_zero", "causal_and_keep", "two_masks", "one_minus_keep",
+               "where_full_like")
+IN_GRAPH_MASKS = ("tril", "arange", "triu_additive", "alibi_add", "alibi_sub")
 
 _PARAM_DTYPE = {"fp32": torch.float32, "bf16_upcast": torch.bfloat16,
                 "bf16_mixed": torch.bfloat16, "fp16_upcast": torch.float16,
@@ -71,15 +83,17 @@ class IndexerSpec:
     mask: str = "none"
     layout: str = "batch"
     outputs: str = "indices"
+    relu: str = "relu"
+    weights_fn: str = "linear"
     heads: int = 4
     dim: int = 8
     k_top: int = 5
     negative: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("qk", QK_FORMS), ("head_sum", HEAD_SUMS),
-                              ("scale", SCALES + (NEGATED_WEIGHTS,)),
-                              ("dtype", DTYPES), ("layout", LAYOUTS), ("outputs", OUTPUTS)):
+        for name, allowed in (("qk", QK_FORMS), ("head_sum", HEAD_SUMS), ("scale", SCALES),
+                              ("dtype", DTYPES), ("layout", LAYOUTS), ("outputs", OUTPUTS),
+                              ("relu", RELU_FORMS), ("weights_fn", WEIGHT_FNS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"IndexerSpec.{name}={getattr(self, name)!r}: allowed {allowed}")
         if self.mask not in MASKS + ("fill_with_zero",):
@@ -97,7 +111,8 @@ class IndexerSpec:
         """What the site returns, in order: "indices", "values" or "scores"."""
         if self.negative == "scores_returned":
             return ("indices", "scores")
-        if self.negative is not None or self.outputs in ("indices", "getitem"):
+        if self.negative is not None or self.outputs in ("indices", "getitem", "int32",
+                                                          "positive_dim"):
             return ("indices",)
         return ("values",) if self.outputs == "values" else ("values", "indices")
 
@@ -107,9 +122,10 @@ class IndexerSpec:
         `scale`). "negated_weights" multiplies w by -1/sqrt(H); that sign belongs to the weights,
         so it is applied to w in `reference_inputs`, not here."""
         d_scale, h_scale = self.dim ** -0.5, self.heads ** -0.5
-        return {"none": 1.0, "before_relu": d_scale, "divide_before_relu": d_scale,
-                "after_relu": d_scale, "weights": h_scale, "query": d_scale,
-                "hf": d_scale * h_scale, "negated_weights": h_scale}[self.scale]
+        mean = 1.0 / self.heads if self.head_sum == "mean" else 1.0
+        return mean * {"none": 1.0, "before_relu": d_scale, "divide_before_relu": d_scale,
+                       "after_relu": d_scale, "weights": h_scale, "query": d_scale,
+                       "hf": d_scale * h_scale, "negated_weights": h_scale}[self.scale]
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,10 @@ def _contract(q: Tensor, k: Tensor, form: str, flat: bool) -> Tensor:
             return k @ q.transpose(1, 2)
         if form == "bmm_heads":
             return (q.reshape(s * h, d) @ k.T).view(s, h, t)
+        if form == "expanded_keys":
+            return torch.einsum("shd,thd->sht", q, k[:, None, :].expand(t, h, d))
+        if form == "mul_sum":
+            return (q[:, :, None, :] * k[None, None, :, :]).sum(dim=-1)
         return torch.bmm(q, k.T.expand(s, d, t))
     b, s, h, d = q.shape
     t = k.shape[1]
@@ -159,16 +179,21 @@ def _contract(q: Tensor, k: Tensor, form: str, flat: bool) -> Tensor:
         return torch.matmul(k.unsqueeze(1), q.transpose(-1, -2))
     if form == "bmm_heads":
         return torch.bmm(q.reshape(b, s * h, d), k.transpose(1, 2)).view(b, s, h, t)
+    if form == "expanded_keys":
+        # MLA-style: one key broadcast to every head, contracted as if keys were per head.
+        return torch.einsum("bshd,bthd->bsht", q, k[:, :, None, :].expand(b, t, h, d))
+    if form == "mul_sum":
+        return (q[:, :, :, None, :] * k[:, None, None, :, :]).sum(dim=-1)
     per_query_keys = k.unsqueeze(1).expand(b, s, t, d).reshape(b * s, t, d).transpose(1, 2)
     return torch.bmm(q.reshape(b * s, h, d), per_query_keys).view(b, s, h, t)
 
 
 def _reduce_heads(scores: Tensor, w: Tensor, form: str, keys_first: bool) -> Tensor:
     """sum_j w[..., j] * scores[..., j, :] (or [..., :, j] when the head axis is last)."""
-    if form == "mul_sum":
-        if keys_first:
-            return (scores * w.unsqueeze(-2)).sum(dim=-1)
-        return (scores * w[..., None]).sum(dim=-2)
+    if form in ("mul_sum", "mean"):
+        weighted = scores * (w.unsqueeze(-2) if keys_first else w[..., None])
+        dim = -1 if keys_first else -2
+        return weighted.sum(dim=dim) if form == "mul_sum" else weighted.mean(dim=dim)
     if form == "matmul_weights":
         if keys_first:
             return torch.matmul(scores, w.unsqueeze(-1)).squeeze(-1)
@@ -176,12 +201,26 @@ def _reduce_heads(scores: Tensor, w: Tensor, form: str, keys_first: bool) -> Ten
     return torch.einsum("...th,...h->...t" if keys_first else "...ht,...h->...t", scores, w)
 
 
-def _activation(logits: Tensor, negative: Optional[str]) -> Tensor:
+def _activation(logits: Tensor, negative: Optional[str], relu: str) -> Tensor:
     if negative == "gelu":
         return F.gelu(logits)
     if negative == "silu":
         return F.silu(logits)
+    if relu == "clamp_min":
+        return logits.clamp(min=0)
+    if relu == "relu_inplace":
+        return logits.relu_()
+    if relu == "threshold":
+        return F.threshold(logits, 0.0, 0.0)
+    if relu == "maximum":
+        return torch.maximum(logits, torch.zeros_like(logits))
     return F.relu(logits)
+
+
+def _alibi_distance(queries: int, keys: int, device: torch.device) -> Tensor:
+    """query position - key position, end-aligned (query i is token keys - queries + i)."""
+    query_pos = torch.arange(queries, device=device) + (keys - queries)
+    return query_pos[:, None] - torch.arange(keys, device=device)[None, :]
 
 
 def _mask(scores: Tensor, kind: str, keep: Tensor, bias_inf: Tensor, bias_min: Tensor) -> Tensor:
@@ -200,6 +239,29 @@ def _mask(scores: Tensor, kind: str, keep: Tensor, bias_inf: Tensor, bias_min: T
         return torch.where(keep, scores, float("-inf"))
     if kind == "fill_with_zero":
         return scores.masked_fill(~keep, 0.0)
+    if kind == "key_padding":
+        # The last query sees every key that is not padding: a [.., 1, T] padding mask.
+        return scores + bias_inf[..., -1:, :].to(scores.dtype)
+    if kind == "causal_and_keep":
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=scores.device)
+        return scores.masked_fill(~(causal.tril(diagonal=keys - queries) & keep), float("-inf"))
+    if kind == "one_minus_keep":
+        # The older Hugging Face spelling: (1 - mask) * finfo.min, added.
+        return scores + (1.0 - keep.to(scores.dtype)) * torch.finfo(scores.dtype).min
+    if kind == "where_full_like":
+        return torch.where(keep, scores, torch.full_like(scores, float("-inf")))
+    if kind in ("alibi_add", "alibi_sub"):
+        # A finite recency bias (not a mask) plus causality.
+        distance = _alibi_distance(queries, keys, scores.device)
+        if kind == "alibi_add":
+            scores = scores + (-ALIBI_SLOPE * distance).to(scores.dtype)
+        else:
+            scores = scores - (ALIBI_SLOPE * distance).to(scores.dtype)
+        return scores.masked_fill(distance < 0, float("-inf"))
+    if kind == "two_masks":
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=scores.device)
+        scores = scores + bias_min.to(scores.dtype)
+        return scores.masked_fill(~causal.tril(diagonal=keys - queries), float("-inf"))
     if kind == "tril":
         causal = torch.ones(queries, keys, dtype=torch.bool, device=scores.device)
         return scores.masked_fill(~causal.tril(diagonal=keys - queries), float("-inf"))
@@ -228,6 +290,12 @@ class ZooIndexer(nn.Module):
         self.weights_proj = nn.Linear(embed, spec.heads, bias=False, dtype=w_dtype)
         if spec.negative == "unknown_scale":
             self.temperature = nn.Parameter(torch.tensor(0.7))
+        if spec.negative == "per_query_keys":
+            self.key_shift = nn.Linear(embed, spec.dim, bias=False, dtype=dtype)
+        if spec.negative == "key_dependent_weights":
+            self.key_gate = nn.Linear(embed, 1, dtype=dtype)
+        if spec.negative == "bias_before_relu":
+            self.head_bias = nn.Parameter(0.3 * torch.randn(spec.heads, 1, dtype=dtype))
 
     def project(self, x: Tensor, ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [.., S, H, D], k [.., T, D] (or [.., T, H, D] for per-head keys), w [.., S, H] in the
@@ -239,6 +307,10 @@ class ZooIndexer(nn.Module):
         if spec.negative == "per_head_keys":
             k = k.view(*k.shape[:-1], spec.heads, spec.dim)
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype))
+        if spec.weights_fn == "softmax":
+            w = w.softmax(dim=-1)
+        elif spec.weights_fn == "sigmoid":
+            w = w.sigmoid()
         return q, k, w
 
     def index_scores(self, x: Tensor, ctx: Tensor, keep: Tensor, bias_inf: Tensor,
@@ -252,6 +324,9 @@ class ZooIndexer(nn.Module):
             q = q * spec.dim ** -0.5
         if spec.negative == "per_head_keys":
             logits = torch.einsum("bshd,bthd->bsht", q, k)
+        elif spec.negative == "per_query_keys":
+            shifted = k[:, None] + self.key_shift(x.to(self.key_shift.weight.dtype))[:, :, None, :]
+            logits = torch.einsum("bshd,bstd->bsht", q, shifted.to(q.dtype))
         else:
             logits = _contract(q, k, spec.qk, flat)
         if spec.dtype == "bf16_mixed":
@@ -265,14 +340,29 @@ class ZooIndexer(nn.Module):
             logits = logits * -(spec.dim ** -0.5)
         elif spec.negative == "unknown_scale":
             logits = logits * self.temperature.to(logits.dtype)
-        scores = _activation(logits, spec.negative)
+        elif spec.negative == "bias_before_relu":
+            logits = logits + self.head_bias
         if spec.scale in ("weights", "hf"):
             w = w * spec.heads ** -0.5
         elif spec.scale == "negated_weights":
             w = w * -(spec.heads ** -0.5)
+        if spec.negative in ("relu_after_weights", "relu_after_sum"):
+            weighted = logits * w[..., None]
+            if spec.negative == "relu_after_weights":
+                return weighted.relu().sum(dim=2)
+            return weighted.sum(dim=2).relu()
+        scores = _activation(logits, spec.negative, spec.relu)
         if spec.negative == "sum_over_queries":
             # [B,S,H,T] summed over S instead of H: a well-formed tensor, not an index score.
             return (scores * w[..., None]).sum(dim=1)
+        if spec.negative == "amax_over_heads":
+            return (scores * w[..., None]).amax(dim=2)
+        if spec.negative == "mask_inside_head_sum":
+            scores = scores.masked_fill(~keep[:, :, None, :], 0.0)
+        if spec.negative == "key_dependent_weights":
+            gate = self.key_gate(ctx.to(self.key_gate.weight.dtype)).sigmoid().squeeze(-1)
+            w = w[..., None] * gate[:, None, None, :]
+            return (scores * w).sum(dim=2)
         index = _reduce_heads(scores, w, spec.head_sum, spec.qk == "matmul_keys_first")
         if spec.scale == "after_relu":
             index = index * spec.dim ** -0.5
@@ -292,6 +382,10 @@ class ZooIndexer(nn.Module):
             return (scores.topk(spec.k_top, dim=-1).indices,)
         if spec.outputs == "getitem":
             return (scores.topk(spec.k_top)[1],)
+        if spec.outputs == "int32":
+            return (scores.topk(spec.k_top, dim=-1).indices.to(torch.int32),)
+        if spec.outputs == "positive_dim":
+            return (torch.topk(scores, spec.k_top, dim=scores.dim() - 1).indices,)
         if spec.outputs == "values":
             return (torch.topk(scores, spec.k_top, dim=-1)[0],)
         values, indices = torch.topk(scores, spec.k_top, dim=-1, sorted=False)
@@ -318,6 +412,8 @@ class ZooIndexer(nn.Module):
         keep = keep if keep.dim() == 3 else keep[None]
         if self.spec.mask in INPUT_MASKS:
             return keep
+        if self.spec.mask == "key_padding":
+            return keep[..., -1:, :].expand_as(keep)
         if self.spec.mask in IN_GRAPH_MASKS:
             queries, keys = keep.shape[-2:]
             causal = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
@@ -327,7 +423,14 @@ class ZooIndexer(nn.Module):
     def reference_scores(self, x: Tensor, ctx: Tensor, keep: Tensor) -> Tensor:
         """float64 [B,S,T] index scores with -inf at hidden keys (kernels/reference.py)."""
         q, k, w, scale = self.reference_inputs(x, ctx)
-        return reference.dense_scores(q, k, w, scale, causal=False, mask=self.visibility(keep))
+        scores = reference.dense_scores(q, k, w, scale, causal=False, mask=self.visibility(keep))
+        return scores + self.finite_bias(*scores.shape[-2:])
+
+    def finite_bias(self, queries: int, keys: int) -> Tensor:
+        """float64 [S,T] the spelling adds to visible scores (a recency bias), or zeros."""
+        if self.spec.mask in ("alibi_add", "alibi_sub"):
+            return -ALIBI_SLOPE * _alibi_distance(queries, keys, torch.device("cpu")).double()
+        return torch.zeros(queries, keys, dtype=torch.float64)
 
 
 class HostModel(nn.Module):
@@ -424,17 +527,16 @@ def split_outputs(host: HostSpec, outputs: tuple[Tensor, ...]
 # Hypothesis strategies
 
 def positive_specs(layout: str, heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
-    return st.builds(
-        IndexerSpec, qk=st.sampled_from(QK_FORMS), head_sum=st.sampled_from(HEAD_SUMS),
-        scale=st.sampled_from(SCALES), dtype=st.sampled_from(DTYPES), mask=st.sampled_from(MASKS),
-        layout=st.just(layout), outputs=st.sampled_from(OUTPUTS), heads=st.just(heads),
-        dim=st.sampled_from((4, 8)), k_top=st.just(k_top))
+    """Indexers the matcher must find, one choice per axis."""
+    axes = {axis: st.sampled_from(values) for axis, values in AXES.items() if axis != "layout"}
+    return st.builds(IndexerSpec, **axes, layout=st.just(layout), heads=st.just(heads),
+                     dim=st.sampled_from((4, 8)), k_top=st.just(k_top))
 
 
 def negative_specs(heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
     """Near-misses in batch layout; masks are drawn only where the spelling keeps [B,S,T]."""
     def with_mask(negative: str) -> st.SearchStrategy[IndexerSpec]:
-        if negative == "sum_over_queries":
+        if negative in ("sum_over_queries", "mask_inside_head_sum"):
             masks = st.just("none")
         elif negative == "fill_with_zero":
             masks = st.just("fill_with_zero")
@@ -465,31 +567,43 @@ def single_site_host(spec: IndexerSpec, decoys: bool = True) -> HostSpec:
 
 
 AXES = {"qk": QK_FORMS, "head_sum": HEAD_SUMS, "scale": SCALES, "dtype": DTYPES, "mask": MASKS,
-        "layout": LAYOUTS, "outputs": OUTPUTS}
+        "layout": LAYOUTS, "outputs": OUTPUTS, "relu": RELU_FORMS, "weights_fn": WEIGHT_FNS}
 
 
-def axis_sweep_host(axis: str) -> HostSpec:
-    """One host holding a site for every value of `axis`, the other axes at their defaults (a
-    deterministic floor under the hypothesis search); k_top 3, 4, ... tells the sites apart. The
-    flat layout gets a host of its own."""
+SWEEP_SITES_PER_HOST = 7
+
+
+def axis_sweep_hosts(axis: str) -> list[HostSpec]:
+    """Hosts holding a site for every value of `axis`, the other axes at their defaults (a
+    deterministic floor under the hypothesis search). At most SWEEP_SITES_PER_HOST sites a host,
+    k_top 3, 4, ... telling them apart; the flat layout gets a host of its own."""
     if axis not in AXES:
         raise ValueError(f"axis={axis!r}: allowed {tuple(AXES)}")
-    values = [v for v in AXES[axis] if v != "flat"]
-    sites = tuple(IndexerSpec(**dict({"mask": "bool_masked_fill", axis: value}), k_top=3 + i)
-                  for i, value in enumerate(values))
     if axis == "layout":
         sites = (IndexerSpec(mask="bool_masked_fill", layout="flat", k_top=3),
                  IndexerSpec(mask="tril", layout="flat", outputs="both", k_top=4))
-        return HostSpec(sites=sites, layout="flat")
-    return HostSpec(sites=sites)
+        return [HostSpec(sites=sites, layout="flat")]
+    values = AXES[axis]
+    chunks = [values[i:i + SWEEP_SITES_PER_HOST]
+              for i in range(0, len(values), SWEEP_SITES_PER_HOST)]
+    return [HostSpec(sites=tuple(IndexerSpec(**dict({"mask": "bool_masked_fill", axis: value}),
+                                             k_top=3 + i) for i, value in enumerate(chunk)))
+            for chunk in chunks]
 
 
-def near_miss_host() -> HostSpec:
-    """One proven indexer (k_top=3) and every near-miss (k_top 4, 5, ...; the query-axis top-k
-    first, since its k must not exceed the query count)."""
-    negatives = sorted(NEGATIVE_REASONS, key=lambda n: (n != "topk_over_queries", n))
-    masks = {"sum_over_queries": "none", "fill_with_zero": "fill_with_zero"}
-    sites = [IndexerSpec(mask="tril", k_top=3)]
-    sites += [IndexerSpec(negative=n, mask=masks.get(n, "bool_masked_fill"), k_top=4 + i)
-              for i, n in enumerate(negatives)]
-    return HostSpec(sites=tuple(sites))
+def near_miss_hosts() -> list[HostSpec]:
+    """Two hosts, each with one proven indexer (k_top=3) and near-misses (k_top 4, 5, ...): those
+    with a required refusal reason, and those that only must not be rewritten. The query-axis
+    top-k comes first, since its k must not exceed the query count."""
+    masks = {"sum_over_queries": "none", "mask_inside_head_sum": "none",
+             "fill_with_zero": "fill_with_zero"}
+    hosts = []
+    for strict in (True, False):
+        negatives = sorted((n for n, reason in NEGATIVE_REASONS.items()
+                            if (reason is not None) == strict),
+                           key=lambda n: (n != "topk_over_queries", n))
+        sites = [IndexerSpec(mask="tril", k_top=3)]
+        sites += [IndexerSpec(negative=n, mask=masks.get(n, "bool_masked_fill"), k_top=4 + i)
+                  for i, n in enumerate(negatives)]
+        hosts.append(HostSpec(sites=tuple(sites)))
+    return hosts

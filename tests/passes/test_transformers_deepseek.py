@@ -71,6 +71,20 @@ def test_compiled_model_with_all_heads_equals_eager(tiny):
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_default_inductor_target_with_all_heads_equals_eager(tiny):
+    """What a user writes: no target option, so Inductor generates the code around the misa ops."""
+    model, inputs, eager_logits = tiny
+    compiled = torch.compile(model, backend="misa", options={"active_heads": HEADS})
+    with torch.no_grad():
+        compiled(**inputs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logits = compiled(**inputs).logits
+    calls = collections.Counter(e.name for e in prof.events() if e.name.startswith("misa::"))
+    assert calls["misa::routed_topk"] == LAYERS, calls
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_model_with_all_heads_under_dynamic_shapes_equals_eager(tiny):
     model, inputs, eager_logits = tiny
     compiled = torch.compile(model, backend="misa", options=options(HEADS), dynamic=True,
