@@ -761,6 +761,7 @@ class _Matcher:
         # site alone (they die with it).
         inside |= {u for n in interior for u in n.users
                    if u.target in ops.SHAPE_READERS and set(u.users) <= inside}
+        inside |= {u for n in interior for u in n.users if u.target in ops.METADATA_CHECKS}
         for node in interior:
             others = [u.name for u in node.users if u not in inside]
             if others:

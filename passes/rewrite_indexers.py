@@ -143,6 +143,11 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
         result = arrange.from_canonical(indices, canonical, out_dims, new_sizes)
         for user in outputs[1]:
             user.replace_all_uses_with(result)
+    # Metadata assertions are side-effecting, so dead-code elimination keeps them, and with them
+    # the dense scores they check: drop them with the site.
+    for node in site.interior:
+        for check in [u for u in node.users if u.target in ops.METADATA_CHECKS]:
+            builder.graph.erase_node(check)
 
 
 def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):

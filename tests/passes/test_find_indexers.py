@@ -8,10 +8,12 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
+from misa_compile import MisaConfig
 from misa_compile.backend import python_scalar_inputs
 from misa_compile.passes import reasons
 from misa_compile.passes.axis_labels import LabelSpace, LayoutError
 from misa_compile.passes.find_indexers import IndexerSite, SiteRefusal, find_indexer_sites
+from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
 
 # Distinct sizes, so that no proof can pass by confusing two axes of equal length.
 B, S, H, D, T, K = 2, 5, 4, 8, 7, 3
@@ -379,3 +381,26 @@ def test_reshape_that_mixes_axes_is_rejected():
     a, b = space.new(6), space.new(4)
     with pytest.raises(LayoutError):
         space.through_reshape([(a,), (b,)], (4, 6))
+
+
+def bf16_scores_cast_back(q, k, w):
+    # bf16 inputs, scores upcast to fp32 and back: torch.export adds metadata assertions on the
+    # intermediate casts, which read the scores without using their values.
+    logits = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu().to(torch.bfloat16)
+    scores = (logits * w[..., None]).sum(2)
+    return scores.float().topk(K, dim=-1).indices
+
+
+def test_exported_metadata_assertions_on_the_scores_do_not_block_the_rewrite():
+    q, k, w, _, _ = inputs()
+    q, k, w = q.bfloat16(), k.bfloat16(), w.bfloat16()
+    program = torch.export.export(AsModule(bf16_scores_cast_back), (q, k, w)).run_decompositions()
+    checks = [n for n in program.graph.nodes
+              if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    assert checks, "this torch.export no longer adds metadata assertions: the test needs another"
+    report = rewrite_indexer_sites(program.graph_module, MisaConfig(variant="dense"))
+    assert [r.status for r in report.sites] == ["rewritten"], str(report)
+    selected = program.module()(q, k, w)
+    expected = bf16_scores_cast_back(q, k, w)
+    assert [set(r.tolist()) for r in selected.flatten(0, 1)] == \
+        [set(r.tolist()) for r in expected.flatten(0, 1)]
