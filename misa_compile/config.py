@@ -28,6 +28,15 @@ class MisaConfig:
                   does not pay on short contexts); 0 disables the fallback.
     query_chunk:  queries processed at once by the CPU implementation; 0 picks it from a memory
                   budget. Results do not depend on it.
+    context_parallel: the graph pass emits the sharded indexer (misa::sharded_topk,
+                  misa_compile.distributed) instead of the single-device chain. Each indexer site
+                  then sees this rank's contiguous shard of the keys, the shards laid out in rank
+                  order of the default torch.distributed process group (which must be
+                  initialised), and the same queries and weights on every rank; the rewritten site
+                  returns the GLOBAL top-k with GLOBAL key indices, the same on every rank. Variants
+                  "dense", "misa" and "misa_hier"; sites whose visibility is a mask tensor are left
+                  untouched. min_keys does not apply (the global key count is known at run time
+                  only).
     """
 
     variant: str = "misa"
@@ -39,6 +48,7 @@ class MisaConfig:
     router: str = "score"
     min_keys: int = 0
     query_chunk: int = 0
+    context_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -52,6 +62,9 @@ class MisaConfig:
         _require_int("hisa_blocks", self.hisa_blocks, 1)
         _require_int("min_keys", self.min_keys, 0)
         _require_int("query_chunk", self.query_chunk, 0)
+        if not isinstance(self.context_parallel, bool):
+            raise TypeError(f"MisaConfig.context_parallel must be a bool (True or False), got "
+                            f"{type(self.context_parallel).__name__}")
 
     def check_site(self, num_heads: int, k_top: int) -> None:
         """Checks the fields that depend on a site: active heads against its H, candidates

@@ -69,9 +69,15 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
         config.check_site(site.heads, k_check)
     except ValueError as error:
         return _refused(site.name, R.CONFIG_MISMATCH, str(error), site)
+    if config.context_parallel:
+        refusal = _context_parallel_refusal(site, config)
+        if refusal:
+            return _refused(site.name, R.CONFIG_MISMATCH, refusal, site)
     keys = concrete(site.keys)
     variant = config.variant
-    if keys is not None and keys < config.min_keys:
+    # Under context parallelism the site sees one shard, not the global key count min_keys is
+    # about, so the fallback does not apply.
+    if keys is not None and keys < config.min_keys and not config.context_parallel:
         variant = "dense"
     builder = GraphBuilder(graph, site.topk)
     try:
@@ -90,7 +96,8 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
     detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} "
               f"scale={site.scale:.6g}{runtime}"
               + ("" if variant == config.variant else
-                 f"; T={keys} < min_keys={config.min_keys}: dense"))
+                 f"; T={keys} < min_keys={config.min_keys}: dense")
+              + ("; context parallel: misa::sharded_topk" if config.context_parallel else ""))
     return SiteRecord(site.name, "rewritten", "", detail, site.heads, _k_text(k_top),
                       site.layout, _dtype_text(site.dtype), site.mask_kind, variant)
 
@@ -150,9 +157,38 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
             builder.graph.erase_node(check)
 
 
+def _context_parallel_refusal(site: IndexerSite, config: MisaConfig) -> str:
+    """Why the sharded op cannot replace `site` ("" if it can). Raises if there is no process
+    group to shard over: a context-parallel compile outside torch.distributed is a setup error,
+    not a property of one site."""
+    import torch.distributed as dist
+
+    from ..distributed import op  # noqa: F401  (registers misa::sharded_topk)
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "MisaConfig.context_parallel=True: torch.distributed has no initialised process "
+            "group; the keys of each indexer site are sharded over the default group, so call "
+            "torch.distributed.init_process_group (or misa_compile.distributed.init_from_env) "
+            "before compiling, or set context_parallel=False")
+    if config.variant == "hisa" or site.masks:
+        why = ("the variant is 'hisa'" if config.variant == "hisa" else
+               f"this site's visibility is a mask tensor ({site.mask_kind})")
+        return (f"context parallelism supports causal/ragged visibility only, no mask and no "
+                f"HISA: {why}")
+    return ""
+
+
 def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):
-    """The ops kernels/indexer.py's indexer_topk calls for `variant`, as graph nodes."""
+    """The ops kernels/indexer.py's indexer_topk calls for `variant`, as graph nodes; under
+    context parallelism the one sharded op instead (k is this rank's key shard)."""
     misa = torch.ops.misa
+    if config.context_parallel:
+        # A site without a mask sees every key: causal=False and no key range, over all shards.
+        out = builder.call(misa.sharded_topk.default, q, k, w, k_top, variant,
+                           config.active_heads, config.block_size, config.candidates,
+                           config.router, scale, False, None, None, config.query_chunk)
+        return builder.call(operator.getitem, out, 0), builder.call(operator.getitem, out, 1)
     # causal=False and no key range: the mask (or its absence) is the site's whole visibility.
     vis = (False, None, None, mask, config.query_chunk)
     if variant == "dense":

@@ -133,3 +133,14 @@ VALID_CONFIGS = st.builds(
 def test_valid_configs_round_trip_through_options(config, extra):
     options = {**dataclasses.asdict(config), **extra}
     assert MisaConfig.from_options(options) == (config, extra)
+
+
+def test_context_parallel_is_a_bool_off_by_default():
+    assert MisaConfig().context_parallel is False
+    assert MisaConfig(context_parallel=True).context_parallel is True
+    assert MisaConfig.from_options({"context_parallel": True, "target": "aot_eager"}) == (
+        MisaConfig(context_parallel=True), {"target": "aot_eager"})
+    for value in (1, "yes", None):
+        with _raises(TypeError, "MisaConfig.context_parallel must be a bool",
+                     type(value).__name__):
+            MisaConfig(context_parallel=value)
