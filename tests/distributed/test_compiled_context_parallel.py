@@ -37,13 +37,13 @@ class PlainIndexer(torch.nn.Module):
 
 
 def compile_on_shard(q, k_local, w, k_top, options, bias=None, direct=None):
-    """Rank task: compiles PlainIndexer with context parallelism (aot_eager) on this rank's key
-    shard and runs it. direct=(config, key_offset, total_keys) also runs sharded_indexer_topk on
+    """Rank task: compiles PlainIndexer with context parallelism (target aot_eager unless
+    options name one) on this rank's key shard and runs it. direct=(config, key_offset, total_keys) also runs sharded_indexer_topk on
     the same shard for comparison."""
     torch._dynamo.reset()
     misa_compile.backend.clear_reports()
     compiled = torch.compile(PlainIndexer(k_top), backend="misa", options=dict(
-        options, context_parallel=True, target="aot_eager"))
+        dict(target="aot_eager"), **options, context_parallel=True))
     args = (q, k_local, w) if bias is None else (q, k_local, w, bias)
     values, indices = compiled(*args)
     sites = [(s.status, s.reason, s.detail, s.variant)
@@ -93,6 +93,7 @@ def _assert_same_selection(values, indices, ref_values, ref_indices):
 CASES = {
     "dense": (dict(variant="dense"), [6, 8], 5),
     "misa_all_heads": (dict(variant="misa", active_heads=4, block_size=3), [8, 6], 5),
+    "dense_inductor": (dict(variant="dense", target="inductor"), [6, 8], 5),
 }
 
 
@@ -108,8 +109,8 @@ def test_compiled_site_equals_single_device_over_all_keys(rank_pools, name):
         [(status, reason, detail, variant)] = answer["sites"]
         assert (status, reason, variant) == ("rewritten", "", options["variant"])
         assert "context parallel" in detail
-    case = ShardedCase(q, k, w, k_top, MisaConfig(**options), offsets, sizes, causal=False,
-                       scale=SCALE)
+    config, _ = MisaConfig.from_options(options)
+    case = ShardedCase(q, k, w, k_top, config, offsets, sizes, causal=False, scale=SCALE)
     rows, total = assert_matches_single_device(
         case, [(a["values"], a["indices"]) for a in answers])
     assert rows == total
