@@ -6,6 +6,7 @@ place, cleans up after itself (dead code, lint, recompile) and returns a SiteRep
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 from typing import Callable, Collection, Optional, Union
 
@@ -33,18 +34,18 @@ def run_misa_passes(gm: Union[GraphModule, Graph], config: MisaConfig, *,
 
 def passes_fingerprint() -> str:
     """A hash of everything that decides what the passes emit: their sources, the op schemas and
-    the indexer chain they mirror, and the package version."""
+    the indexer chain they mirror, the configuration class, and the package version."""
     from .. import __version__
 
-    package = Path(__file__).resolve().parent
-    kernels = package.parent / "kernels"
-    sources = sorted(package.glob("*.py")) + [kernels / "ops.py", kernels / "indexer.py",
-                                              package.parent / "misa_compile" / "config.py"]
+    emitted = ("misa_compile.kernels.ops", "misa_compile.kernels.indexer", "misa_compile.config",
+               "misa_compile.distributed.op")
+    # Located by module name (not by folder layout), so editable and regular installs agree.
+    sources = sorted(Path(__file__).resolve().parent.glob("*.py")) + [
+        Path(importlib.util.find_spec(name).origin) for name in emitted]
     digest = hashlib.sha256(__version__.encode())
     for path in sources:
-        if path.exists():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
