@@ -53,7 +53,6 @@ NEGATIVE_REASONS = {
     "fill_with_zero": "unknown_mask",          # masked_fill(~keep, 0): hidden keys can still win
     # Not DSA, and any refusal (or none: not recognised as indexer-like) is acceptable; only a
     # rewrite is wrong.
-    "per_query_keys": None,                    # k + a per-query shift: keys differ per query
     "key_dependent_weights": None,             # w * sigmoid(per-key gate): weights vary by key
     "mask_inside_head_sum": None,              # per-head scores zeroed (not hidden) before the sum
     "bias_before_relu": None,                  # ReLU(q.k + b_h)
@@ -290,8 +289,6 @@ class ZooIndexer(nn.Module):
         self.weights_proj = nn.Linear(embed, spec.heads, bias=False, dtype=w_dtype)
         if spec.negative == "unknown_scale":
             self.temperature = nn.Parameter(torch.tensor(0.7))
-        if spec.negative == "per_query_keys":
-            self.key_shift = nn.Linear(embed, spec.dim, bias=False, dtype=dtype)
         if spec.negative == "key_dependent_weights":
             self.key_gate = nn.Linear(embed, 1, dtype=dtype)
         if spec.negative == "bias_before_relu":
@@ -324,9 +321,6 @@ class ZooIndexer(nn.Module):
             q = q * spec.dim ** -0.5
         if spec.negative == "per_head_keys":
             logits = torch.einsum("bshd,bthd->bsht", q, k)
-        elif spec.negative == "per_query_keys":
-            shifted = k[:, None] + self.key_shift(x.to(self.key_shift.weight.dtype))[:, :, None, :]
-            logits = torch.einsum("bshd,bstd->bsht", q, shifted.to(q.dtype))
         else:
             logits = _contract(q, k, spec.qk, flat)
         if spec.dtype == "bf16_mixed":

@@ -59,6 +59,16 @@ def test_every_layers_indexer_is_rewritten(tiny):
     assert "rewritten" in str(report)
 
 
+def test_every_indexer_of_a_three_layer_sixteen_head_model_is_rewritten():
+    model, input_ids = tiny_deepseek_v32(layers=3, index_heads=16, index_topk=6, seed=1,
+                                         sequence_length=16, batch_size=BATCH)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = misa_compile.explain(model, **padded_batch(input_ids), options=options(4))
+    assert [(r.heads, r.k_top) for r in report.rewritten] == [(16, 6)] * 3, str(report)
+    assert not report.refused, str(report)
+
+
 def test_compiled_model_with_all_heads_equals_eager(tiny):
     model, inputs, eager_logits = tiny
     compiled = torch.compile(model, backend="misa", options=options(HEADS), fullgraph=True)
