@@ -54,9 +54,9 @@ def _all_key_scores(q_rows, k32, w_rows):
 
 
 def _candidate_scores(q_rows, k32, w_rows, safe, gather_keys):
-    """The index score of each candidate key [B, c, C]. With many candidates (gather_keys False)
-    scoring every key with one GEMM and picking the candidates' scores is faster than gathering
-    a [B, c, C, D] block of keys per query."""
+    """The index score of each candidate key [B, c, C]. Unless the candidates are a small part of
+    the keys (gather_keys), scoring every key with one GEMM and picking the candidates' scores is
+    faster than gathering a [B, c, C, D] block of keys per query."""
     if not gather_keys:
         return _all_key_scores(q_rows, k32, w_rows).gather(-1, safe)
     batch_ids = torch.arange(k32.shape[0], device=k32.device)[:, None, None]
@@ -107,6 +107,8 @@ def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, m
     indices = torch.zeros(batch, queries, top, dtype=torch.int64, device=q.device)
     taken = min(top, width)
     k32 = k.float()
+    # Measured on a 2-core CPU (H=64, D=128): gathering the candidates' keys wins at C = T/4 (84 vs
+    # 140 ms a chunk) and loses at C = T/2, where one GEMM over all keys is cheaper.
     gather_keys = 2 * width < keys
     per_query = width * (heads + dim) if gather_keys else heads * keys
     for rows in query_chunks(queries, batch * (per_query + keys), chunk):

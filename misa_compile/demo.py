@@ -35,7 +35,7 @@ def run_table(lengths: list[int], device: torch.device) -> list[dict]:
             if dense is None:
                 dense = (values, indices)
             recall = selection_recall(indices, values, dense[1], dense[0]).mean().item()
-            timing = measure(lambda: indexer_topk(q, k, w, K_TOP, config), device, repeats=1,
+            timing = measure(lambda: indexer_topk(q, k, w, K_TOP, config), device, repeats=3,
                              warmup=False)
             rows.append(dict(keys=keys, variant=name, ms=timing.ms, recall=recall,
                              peak=timing.peak_bytes))

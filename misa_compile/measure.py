@@ -4,6 +4,9 @@ allocation timeline that torch's profiler records (every tensor allocation and f
 the extra memory an operation needed beyond what already existed."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +38,8 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 3,
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                            profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -43,6 +47,21 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native library writes a start/stop line to file descriptor 2 on every use;
+    Python-level errors still propagate as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _measure_cuda(fn: Callable[[], object], repeats: int) -> Measurement:
