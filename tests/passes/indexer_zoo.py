@@ -4,7 +4,8 @@ matmuls and unrelated top-ks, for testing the detector and the rewrite.
 An `IndexerSpec` names one choice per axis (how q.k is contracted, how heads are reduced, where the
 positive scale sits, which dtypes and casts, which mask, which layout, which outputs are used);
 `ZooIndexer` computes that spelling. A spec with `negative` set plants a near-miss that is NOT a DSA
-indexer (or cannot be proven one) and must be refused with the reason in `NEGATIVE_REASONS`.
+indexer (or cannot be proven one): it must be refused with the reason in `NEGATIVE_REASONS`, or,
+where that reason is None, at least never rewritten.
 `HostModel` embeds several sites plus decoys (an MoE gate top-k over experts, a top-k sparse code of
 a ReLU'd projection) that must never be rewritten.
 
