@@ -105,7 +105,7 @@ class IndexerCapture(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if getattr(func, "namespace", None) == "misa":
-            self._record(func, _bind(func, args, kwargs), out)
+            self._record(func, bind_op_arguments(func, args, kwargs), out)
         return out
 
     def _record(self, func, bound: dict, out: Any) -> None:
@@ -220,7 +220,7 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _bind(func, args: tuple, kwargs: dict) -> dict:
+def bind_op_arguments(func, args: tuple, kwargs: dict) -> dict:
     """Argument name -> value for an op call, defaults filled in from the op's schema."""
     bound = {}
     for position, argument in enumerate(func._schema.arguments):

@@ -15,6 +15,7 @@ import torch._dynamo
 
 import misa_compile
 from misa_compile.config import MisaConfig
+from misa_compile.eval.capture import bind_op_arguments
 from misa_compile.kernels import reference
 from misa_compile.models import tiny_deepseek_v32
 
@@ -200,20 +201,8 @@ class MisaCallRecorder(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
         if isinstance(target, torch._ops.OpOverload) and target.namespace == "misa":
-            self.calls.append((target, _bind(target, args, kwargs), out))
+            self.calls.append((target, bind_op_arguments(target, args, kwargs), out))
         return out
-
-
-def _bind(op, args, kwargs) -> dict:
-    bound = {}
-    for i, argument in enumerate(op._schema.arguments):
-        if i < len(args):
-            bound[argument.name] = args[i]
-        elif argument.name in kwargs:
-            bound[argument.name] = kwargs[argument.name]
-        elif argument.has_default_value():
-            bound[argument.name] = argument.default_value
-    return bound
 
 
 def test_exported_program_is_rewritten_and_equals_eager_with_all_heads(tiny, exported):
