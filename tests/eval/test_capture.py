@@ -5,7 +5,6 @@ k_top boundary is tied). The model test runs the transformers DeepSeek-V3.2 tiny
 with backend="misa"."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -146,11 +145,8 @@ def test_save_without_sites_and_missing_files_are_clear_errors(tmp_path):
 # The real model: transformers DeepSeek-V3.2 (tiny random config), compiled with backend="misa".
 
 LAYERS, HEADS, TOPK, SEQ = 2, 8, 8, 32
-_BACKEND_MISSING = importlib.util.find_spec("misa_compile.backend") is None
 
 
-@pytest.mark.skipif(_BACKEND_MISSING, reason="misa_compile.backend (the torch.compile backend "
-                    "that rewrites the indexer sites) is not in this checkout yet")
 def test_capture_from_compiled_deepseek_v32_reproduces_the_models_own_selection(tmp_path):
     from misa_compile.models import tiny_deepseek_v32
 
