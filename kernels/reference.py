@@ -8,8 +8,6 @@ than k_top visible keys end in -inf values whose indices point at hidden keys: i
 NaN scores rank below every key (they are turned into -inf), so a NaN never displaces a real key."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .visibility import block_visibility, chunk_visibility, pooled_keys

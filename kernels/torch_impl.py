@@ -3,8 +3,6 @@ Triton kernel). Queries are processed in chunks so that the extra memory is O(ch
 the head count for the per-head logits), never O(S x T)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .visibility import block_visibility, chunk_visibility, pooled_keys

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from .. import torch_impl
 from .candidate_topk import candidate_topk
