@@ -180,11 +180,11 @@ def relu_input(node: Node) -> Optional[Node]:
     return None
 
 
-# Ops that read only the shape, dtype or device of their tensor input, never its values.
 # torch.export's checks of a tensor's dtype/shape/device: they read a tensor's metadata, never its
 # values, and check a tensor the rewrite removes, so they go with it.
 METADATA_CHECKS = {aten._assert_tensor_metadata.default}
 
+# Ops that read only the shape, dtype or device of their tensor input, never its values.
 SHAPE_READERS = {aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
                  aten.empty_like.default, aten.new_full.default, aten.new_zeros.default,
                  aten.new_ones.default, aten.new_empty.default}
