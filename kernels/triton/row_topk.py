@@ -3,7 +3,7 @@ torch.topk(scores, k) on wide rows (decode rows, benchmarks):
 
   1. sample_threshold: a 1-in-16 sample of each row gives a threshold lo that leaves between k
      and ~1.4 k scores above it (with a margin of about 4 standard deviations);
-  2. emit_candidates: one pass over the matrix keeps the scores >= lo (fp32 value + key id);
+  2. compact_rows: one streaming pass over each row keeps the scores >= lo (value + key id);
   3. candidate_topk: exact top-k of each short candidate list in registers.
 Rows that miss the bounds (flagged by step 3; rare, e.g. huge ties) are redone with torch.topk.
 Rows short enough to sit in registers skip steps 1-2. The full matrix is read twice at most
@@ -18,7 +18,7 @@ import torch
 
 from .candidate_topk import MAX_ROW, candidate_topk
 from .common import next_pow2
-from .emit_candidates import emit_candidates
+from .compact_rows import compact_rows
 from .sample_threshold import MAX_SAMPLE, sample_rank, sample_threshold
 
 MIN_KEY_STRIDE = 16
@@ -72,8 +72,8 @@ def topk_rows(scores: torch.Tensor, k_top: int, out_values: torch.Tensor,
     sample_threshold(scores, plan.rank, plan.n_sample, lo, column_stride=plan.key_stride)
     cand_val = torch.empty(flat, plan.capacity, dtype=torch.float32, device=scores.device)
     cand_idx = torch.empty(flat, plan.capacity, dtype=torch.int32, device=scores.device)
-    count = torch.zeros(flat, dtype=torch.int32, device=scores.device)
-    emit_candidates(scores, lo, cand_val, cand_idx, count)
+    count = torch.empty(flat, dtype=torch.int32, device=scores.device)
+    compact_rows(scores, lo, cand_val, cand_idx, count)
     flags = torch.zeros(flat, dtype=torch.int8, device=scores.device)
     candidate_topk(cand_val.view(batch, rows, -1), k_top, n_keys, out_values, out_indices,
                    ids=cand_idx.view(batch, rows, -1), count=count, lo=lo,

@@ -18,7 +18,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     import triton
 
     from misa_compile.kernels.triton.candidate_topk import candidate_topk
-    from misa_compile.kernels.triton.emit_candidates import emit_candidates_kernel
+    from misa_compile.kernels.triton.compact_rows import compact_rows
+    import triton.language as tl
+
+    from misa_compile.kernels.triton.common import append_candidates
     from misa_compile.kernels.triton.hisa import hisa_candidates
     from misa_compile.kernels.triton.rerank import rerank_topk
     from misa_compile.kernels.triton.router import pooled_keys, route_heads
@@ -139,23 +142,59 @@ def test_topk_rows_sampled_path_matches_torch_topk():
     assert torch.equal(x.gather(-1, indices)[finite].sort().values, values[finite].sort().values)
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def append_tile_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, n_rows,
+                           n_cols, CAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PER_ELEMENT: tl.constexpr):
+        # One [BLOCK_M, BLOCK_N] tile of a score matrix through index_scores' EMIT epilogue.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < n_rows, cols < n_cols
+        scores = tl.load(src_ptr + rows[:, None] * n_cols + cols[None, :],
+                         mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
+        lo = tl.load(lo_ptr + rows, mask=row_ok, other=float("inf"))
+        append_candidates(scores, cols, rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
+                          cand_idx_ptr, CAP, PER_ELEMENT)
+
+
 @pytest.mark.parametrize("per_element", [False, True])
-def test_both_slot_reservations_emit_exactly_the_scores_above_threshold(per_element):
-    x = torch.randn(1, 20, 40)
+def test_both_slot_reservations_append_exactly_the_scores_above_threshold(per_element):
+    x = torch.randn(20, 40)
     lo = torch.full((20,), 0.5)
     lo[3] = NEG_INF
     cap = 64
     cand_val, cand_idx = torch.empty(20, cap), torch.empty(20, cap, dtype=torch.int32)
     count = torch.zeros(20, dtype=torch.int32)
-    emit_candidates_kernel[(2, 3, 1)](x, lo, cand_val, cand_idx, count, 20, 40, 800, 40,
-                                      CAP=cap, BLOCK_M=16, BLOCK_N=16, PER_ELEMENT=per_element)
-    expected = x[0] >= lo[:, None]
+    append_tile_kernel[(2, 3)](x, lo, cand_val, cand_idx, count, 20, 40, CAP=cap, BLOCK_M=16,
+                               BLOCK_N=16, PER_ELEMENT=per_element)
+    expected = x >= lo[:, None]
     assert torch.equal(count.long(), expected.sum(-1))
     for row in range(20):
         n = int(count[row])
         ids = cand_idx[row, :n].long()
         assert torch.equal(ids.sort().values, expected[row].nonzero().flatten())
-        assert torch.equal(cand_val[row, :n], x[0, row, ids])
+        assert torch.equal(cand_val[row, :n], x[row, ids])
+
+
+def test_row_compaction_keeps_the_finite_scores_above_threshold_in_column_order():
+    x = torch.randn(2, 3, 70)
+    x[0, 1, 5] = float("nan")
+    x[1, 0, :60] = NEG_INF
+    lo = torch.tensor([0.5, 0.5, NEG_INF, NEG_INF, -0.2, 2.0])
+    cap = 24
+    cand_val, cand_idx = torch.empty(6, cap), torch.empty(6, cap, dtype=torch.int32)
+    count = torch.full((6,), 99, dtype=torch.int32)
+    compact_rows(x, lo, cand_val, cand_idx, count)
+    flat = x.reshape(6, 70)
+    expected = (flat >= lo[:, None]) & (flat > NEG_INF)
+    assert torch.equal(count.long(), expected.sum(-1))
+    assert (count > cap).any(), "the case must cover an overflowing row"
+    for row in range(6):
+        ids = expected[row].nonzero().flatten()[:cap]
+        n = ids.numel()
+        assert torch.equal(cand_idx[row, :n].long(), ids)
+        assert torch.equal(cand_val[row, :n], flat[row, ids])
 
 
 @FEW
