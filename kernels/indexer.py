@@ -12,22 +12,24 @@ from ..config import MisaConfig
 
 def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, config: MisaConfig = MisaConfig(), *,
                  scale: float = 1.0, causal: bool = True, key_start: Optional[Tensor] = None,
-                 key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None
+                 key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                 q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor]:
-    """Top-k keys per query as selected by `config.variant`; see ops.py for the arguments."""
+    """Top-k keys per query as selected by `config.variant`; see ops.py for the arguments
+    (q_scale / k_scale dequantize FP8 q / k and reach every op of the chain)."""
     ops = torch.ops.misa
     config.check_site(q.shape[2], k_top)
     vis = dict(causal=causal, key_start=key_start, key_end=key_end, mask=mask)
-    chunk = config.query_chunk
+    run = dict(chunk=config.query_chunk, q_scale=q_scale, k_scale=k_scale)
     if config.variant == "dense":
-        return ops.dense_topk(q, k, w, k_top, scale, **vis, chunk=chunk)
+        return ops.dense_topk(q, k, w, k_top, scale, **vis, **run)
     if config.variant == "hisa":
         candidates = ops.hisa_candidates(q, k, w, config.hisa_block, config.hisa_blocks, **vis,
-                                         chunk=chunk)
-        return ops.rerank_topk(q, k, w, candidates, k_top, scale, **vis, chunk=chunk)
+                                         **run)
+        return ops.rerank_topk(q, k, w, candidates, k_top, scale, **vis, **run)
     heads = ops.route_heads(q, k, w, config.active_heads, config.block_size, config.router, **vis,
-                            chunk=chunk)
+                            **run)
     if config.variant == "misa":
-        return ops.routed_topk(q, k, w, heads, k_top, scale, **vis, chunk=chunk)
-    _, candidates = ops.routed_topk(q, k, w, heads, config.candidates, scale, **vis, chunk=chunk)
-    return ops.rerank_topk(q, k, w, candidates, k_top, scale, **vis, chunk=chunk)
+        return ops.routed_topk(q, k, w, heads, k_top, scale, **vis, **run)
+    _, candidates = ops.routed_topk(q, k, w, heads, config.candidates, scale, **vis, **run)
+    return ops.rerank_topk(q, k, w, candidates, k_top, scale, **vis, **run)

@@ -4,12 +4,15 @@ vectorised, chunked torch (torch_impl.py) that runs on every device. Triton kern
 CUDA implementation of the same ops (kernels/triton/).
 
 Common arguments:
-  q [B,S,H,D], k [B,T,D], w [B,S,H]   bf16/fp16/fp32 (compute is fp32)
+  q [B,S,H,D], k [B,T,D], w [B,S,H]   bf16/fp16/fp32 (compute is fp32); q and k may be fp8 e4m3
   scale     positive factor applied to the index score (the model's softmax/head scales)
   causal    end-aligned causal visibility (query i of S sees keys [0, T-S+i])
   key_start, key_end  optional int [B,S]: ragged key range [start, end) per query
   mask      optional [B,S,T]: bool (True = visible) or float (added to the score; -inf hides)
   chunk     queries per CPU step; 0 picks from a memory budget (results do not depend on it)
+  q_scale, k_scale  optional fp32 [B,S,H] / [B,T], finite and > 0: the op computes its math on
+            q.float() * q_scale[..., None] and k.float() * k_scale[..., None] (dequantized FP8
+            inputs; any input dtype; None = 1)
 Selections: (values fp32, indices int64) [B,S,min(k_top,T)]; -inf values mark entries past the
 visible keys, whose indices are in [0, T) but meaningless."""
 from __future__ import annotations
@@ -59,20 +62,22 @@ def _topk_outputs(q: Tensor, k: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
 def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
                causal: bool = True, key_start: Optional[Tensor] = None,
                key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-               chunk: int = 0) -> tuple[Tensor, Tensor]:
+               chunk: int = 0, q_scale: Optional[Tensor] = None,
+               k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The DSA lightning indexer with all H heads, then top-k over the visible keys."""
     check_indexer_inputs("misa.dense_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk)
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_positive_int("misa.dense_topk", "k_top", k_top)
     check_scale("misa.dense_topk", scale)
     return _implementation("dense_topk", q.device)(q, k, w, k_top, scale, causal, key_start,
-        key_end, mask, chunk)
+        key_end, mask, chunk, q_scale, k_scale)
 
 
 @dense_topk.register_fake
-def _(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None, chunk=0):
+def _(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None, chunk=0,
+      q_scale=None, k_scale=None):
     check_same_device("misa.dense_topk", q, k=k, w=w, key_start=key_start, key_end=key_end,
-                      mask=mask)
+                      mask=mask, q_scale=q_scale, k_scale=k_scale)
     return _topk_outputs(q, k, k_top)
 
 
@@ -80,24 +85,25 @@ def _(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask
 def route_heads(q: Tensor, k: Tensor, w: Tensor, active_heads: int, block_size: int = 1024,
                 router: str = "score", causal: bool = True, key_start: Optional[Tensor] = None,
                 key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                chunk: int = 0) -> Tensor:
+                chunk: int = 0, q_scale: Optional[Tensor] = None,
+                k_scale: Optional[Tensor] = None) -> Tensor:
     """The MISA router: per query, the `active_heads` heads with the largest
     |w| * sum over visible key blocks of ReLU(q . mean key of the block). int64 [B,S,h]."""
     shape = check_indexer_inputs("misa.route_heads", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk)
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_positive_int("misa.route_heads", "active_heads", active_heads, shape.heads)
     check_positive_int("misa.route_heads", "block_size", block_size)
     if router not in _ROUTERS:
         raise ValueError(f"misa.route_heads: router={router!r}; allowed: {_ROUTERS}")
     return _implementation("route_heads", q.device)(q, k, w, active_heads, block_size, router,
-        causal, key_start, key_end, mask, chunk)
+        causal, key_start, key_end, mask, chunk, q_scale, k_scale)
 
 
 @route_heads.register_fake
 def _(q, k, w, active_heads, block_size=1024, router="score", causal=True, key_start=None,
-      key_end=None, mask=None, chunk=0):
+      key_end=None, mask=None, chunk=0, q_scale=None, k_scale=None):
     check_same_device("misa.route_heads", q, k=k, w=w, key_start=key_start, key_end=key_end,
-                      mask=mask)
+                      mask=mask, q_scale=q_scale, k_scale=k_scale)
     return q.new_empty((q.shape[0], q.shape[1], active_heads), dtype=torch.int64)
 
 
@@ -105,11 +111,12 @@ def _(q, k, w, active_heads, block_size=1024, router="score", causal=True, key_s
 def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scale: float = 1.0,
                 causal: bool = True, key_start: Optional[Tensor] = None,
                 key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                chunk: int = 0) -> tuple[Tensor, Tensor]:
+                chunk: int = 0, q_scale: Optional[Tensor] = None,
+                k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """MISA sparse scoring + selection: the index score summed over each query's routed heads
     only (original signed weights), then top-k."""
     shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk)
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_same_device("misa.routed_topk", q, heads=heads)
     check_index_tensor("misa.routed_topk", "heads", heads, shape)
     check_positive_int("misa.routed_topk", "k_top", k_top)
@@ -117,14 +124,14 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
     if heads.numel() and (heads.min() < 0 or heads.max() >= shape.heads):
         raise ValueError(f"misa.routed_topk: heads must lie in [0, H) = [0, {shape.heads})")
     return _implementation("routed_topk", q.device)(q, k, w, heads, k_top, scale, causal,
-        key_start, key_end, mask, chunk)
+        key_start, key_end, mask, chunk, q_scale, k_scale)
 
 
 @routed_topk.register_fake
 def _(q, k, w, heads, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None,
-      chunk=0):
+      chunk=0, q_scale=None, k_scale=None):
     check_same_device("misa.routed_topk", q, k=k, w=w, heads=heads, key_start=key_start,
-                      key_end=key_end, mask=mask)
+                      key_end=key_end, mask=mask, q_scale=q_scale, k_scale=k_scale)
     return _topk_outputs(q, k, k_top)
 
 
@@ -132,24 +139,26 @@ def _(q, k, w, heads, k_top, scale=1.0, causal=True, key_start=None, key_end=Non
 def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
                 scale: float = 1.0, causal: bool = True, key_start: Optional[Tensor] = None,
                 key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                chunk: int = 0) -> tuple[Tensor, Tensor]:
+                chunk: int = 0, q_scale: Optional[Tensor] = None,
+                k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Exact all-head index scores of candidate keys [B,S,C] only, then top-k among them.
     Candidates outside [0, T) (e.g. -1) are ignored; C < k_top pads with -inf."""
     shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk)
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_same_device("misa.rerank_topk", q, candidates=candidates)
     check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
     check_positive_int("misa.rerank_topk", "k_top", k_top)
     check_scale("misa.rerank_topk", scale)
     return _implementation("rerank_topk", q.device)(q, k, w, candidates, k_top, scale, causal,
-        key_start, key_end, mask, chunk)
+        key_start, key_end, mask, chunk, q_scale, k_scale)
 
 
 @rerank_topk.register_fake
 def _(q, k, w, candidates, k_top, scale=1.0, causal=True, key_start=None, key_end=None,
-      mask=None, chunk=0):
+      mask=None, chunk=0, q_scale=None, k_scale=None):
     check_same_device("misa.rerank_topk", q, k=k, w=w, candidates=candidates,
-                      key_start=key_start, key_end=key_end, mask=mask)
+                      key_start=key_start, key_end=key_end, mask=mask, q_scale=q_scale,
+                      k_scale=k_scale)
     return _topk_outputs(q, k, k_top)
 
 
@@ -157,22 +166,23 @@ def _(q, k, w, candidates, k_top, scale=1.0, causal=True, key_start=None, key_en
 def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
                     num_blocks: int = 64, causal: bool = True,
                     key_start: Optional[Tensor] = None, key_end: Optional[Tensor] = None,
-                    mask: Optional[Tensor] = None, chunk: int = 0) -> Tensor:
+                    mask: Optional[Tensor] = None, chunk: int = 0,
+                    q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None) -> Tensor:
     """HISA's block filter: key indices of the first and last visible block plus the top blocks
     by all-head signed block score; int64 [B,S,min(m, ceil(T/block))*block], -1 past T."""
     check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk)
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_positive_int("misa.hisa_candidates", "block_size", block_size)
     check_positive_int("misa.hisa_candidates", "num_blocks", num_blocks)
     return _implementation("hisa_candidates", q.device)(q, k, w, block_size, num_blocks, causal,
-        key_start, key_end, mask, chunk)
+        key_start, key_end, mask, chunk, q_scale, k_scale)
 
 
 @hisa_candidates.register_fake
 def _(q, k, w, block_size=128, num_blocks=64, causal=True, key_start=None, key_end=None,
-      mask=None, chunk=0):
+      mask=None, chunk=0, q_scale=None, k_scale=None):
     check_same_device("misa.hisa_candidates", q, k=k, w=w, key_start=key_start, key_end=key_end,
-                      mask=mask)
+                      mask=mask, q_scale=q_scale, k_scale=k_scale)
     total_blocks = (k.shape[1] + block_size - 1) // block_size
     width = torch.sym_min(num_blocks, total_blocks) * block_size
     return q.new_empty((q.shape[0], q.shape[1], width), dtype=torch.int64)

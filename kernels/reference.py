@@ -5,7 +5,9 @@ The ops' implementations (chunked torch on CPU, Triton on GPU) are tested agains
 Layout: q [B, S, H, D], k [B, T, D], w [B, S, H]. Visibility: see visibility.py. Outputs follow
 torch.topk(..., dim=-1): (values, int64 indices) of shape [B, S, min(k_top, T)]. Rows with fewer
 than k_top visible keys end in -inf values whose indices point at hidden keys: ignore those.
-NaN scores rank below every key (they are turned into -inf), so a NaN never displaces a real key."""
+NaN scores rank below every key (they are turned into -inf), so a NaN never displaces a real key.
+q_scale [B, S, H] / k_scale [B, T] (optional): the math runs on q * q_scale[..., None] and
+k * k_scale[..., None] (dequantized FP8 inputs), in float64."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +17,16 @@ from .visibility import block_visibility, chunk_visibility, pooled_keys
 NEG_INF = float("-inf")
 
 
+def dequantized(q, k, q_scale=None, k_scale=None):
+    """float64 real values of q and k: x.double() * scale[..., None] (scale None = 1)."""
+    q, k = q.double(), k.double()
+    if q_scale is not None:
+        q = q * q_scale.double()[..., None]
+    if k_scale is not None:
+        k = k * k_scale.double()[..., None]
+    return q, k
+
+
 def reference_visibility(q, k, causal=True, key_start=None, key_end=None, mask=None):
     """(visible bool [B,S,T], additive bias or None) for all queries."""
     batch, queries = q.shape[:2]
@@ -22,21 +34,26 @@ def reference_visibility(q, k, causal=True, key_start=None, key_end=None, mask=N
                             key_start, key_end, mask)
 
 
-def dense_scores(q, k, w, scale=1.0, causal=True, key_start=None, key_end=None, mask=None):
+def dense_scores(q, k, w, scale=1.0, causal=True, key_start=None, key_end=None, mask=None,
+                 q_scale=None, k_scale=None):
     """I[b,t,s] = scale * sum_j w[b,t,j] * ReLU(q[b,t,j] . k[b,s]) (+ additive mask), -inf where
     hidden; float64 [B, S, T]."""
+    q, k = dequantized(q, k, q_scale, k_scale)
     logits = torch.einsum("bthd,bsd->bths", q.double(), k.double())
     scores = (w.double()[..., None] * logits.relu()).sum(2) * scale
     return _apply_visibility(scores, q, k, causal, key_start, key_end, mask)
 
 
-def dense_topk(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None):
-    scores = dense_scores(q, k, w, scale, causal, key_start, key_end, mask)
+def dense_topk(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None, mask=None,
+               q_scale=None, k_scale=None):
+    scores = dense_scores(q, k, w, scale, causal, key_start, key_end, mask, q_scale, k_scale)
     return _topk(scores, k_top)
 
 
-def router_scores(q, k, w, block_size, causal=True, key_start=None, key_end=None, mask=None):
+def router_scores(q, k, w, block_size, causal=True, key_start=None, key_end=None, mask=None,
+                  q_scale=None, k_scale=None):
     """r[b,t,j] = |w[b,t,j]| * sum over visible blocks of ReLU(q[b,t,j] . kbar[b,blk]); float64."""
+    q, k = dequantized(q, k, q_scale, k_scale)
     kbar = pooled_keys(k, block_size).double()
     visible, _ = reference_visibility(q, k, causal, key_start, key_end, mask)
     block_visible = block_visibility(visible, block_size)  # [B, S, nb]
@@ -46,8 +63,9 @@ def router_scores(q, k, w, block_size, causal=True, key_start=None, key_end=None
 
 
 def route_heads(q, k, w, active_heads, block_size, causal=True, key_start=None, key_end=None,
-                mask=None, router="score"):
+                mask=None, router="score", q_scale=None, k_scale=None):
     """The h active heads of every query: int64 [B, S, h] (order unspecified)."""
+    q, k = dequantized(q, k, q_scale, k_scale)
     if router == "qnorm":
         r = q.double().norm(dim=-1)
     else:
@@ -56,33 +74,38 @@ def route_heads(q, k, w, active_heads, block_size, causal=True, key_start=None, 
 
 
 def routed_scores(q, k, w, heads, scale=1.0, causal=True, key_start=None, key_end=None,
-                  mask=None):
+                  mask=None, q_scale=None, k_scale=None):
     """I'[b,t,s] = scale * sum_{j in heads[b,t]} w[b,t,j] * ReLU(q[b,t,j] . k[b,s]), written as
     the dense formula with non-routed heads' weights zeroed (a different spelling from the ops')."""
     keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device).scatter_(-1, heads, True)
     w_routed = torch.where(keep, w.double(), torch.zeros((), dtype=torch.float64))
-    return dense_scores(q, k, w_routed, scale, causal, key_start, key_end, mask)
+    return dense_scores(q, k, w_routed, scale, causal, key_start, key_end, mask, q_scale, k_scale)
 
 
 def misa_topk(q, k, w, k_top, active_heads=8, block_size=1024, scale=1.0, causal=True,
-              key_start=None, key_end=None, mask=None, router="score"):
+              key_start=None, key_end=None, mask=None, router="score", q_scale=None,
+              k_scale=None):
+    q, k = dequantized(q, k, q_scale, k_scale)
     heads = route_heads(q, k, w, active_heads, block_size, causal, key_start, key_end, mask, router)
     scores = routed_scores(q, k, w, heads, scale, causal, key_start, key_end, mask)
     return _topk(scores, k_top)
 
 
 def misa_hier_topk(q, k, w, k_top, active_heads=8, block_size=1024, candidates=8192, scale=1.0,
-                   causal=True, key_start=None, key_end=None, mask=None, router="score"):
+                   causal=True, key_start=None, key_end=None, mask=None, router="score",
+                   q_scale=None, k_scale=None):
     """Routed top-n_cand candidates, then the exact H-head score restricted to them."""
+    q, k = dequantized(q, k, q_scale, k_scale)
     _, cand = misa_topk(q, k, w, candidates, active_heads, block_size, scale, causal, key_start,
                         key_end, mask, router)
     return _topk_within(dense_scores(q, k, w, scale, causal, key_start, key_end, mask), cand, k_top)
 
 
 def hisa_topk(q, k, w, k_top, block_size=128, num_blocks=64, scale=1.0, causal=True,
-              key_start=None, key_end=None, mask=None):
+              key_start=None, key_end=None, mask=None, q_scale=None, k_scale=None):
     """HISA: keep the first and own (last visible) block plus the top-m blocks by the all-head
     signed block score, then the exact H-head score inside the kept blocks."""
+    q, k = dequantized(q, k, q_scale, k_scale)
     kbar = pooled_keys(k, block_size).double()
     visible, _ = reference_visibility(q, k, causal, key_start, key_end, mask)
     block_visible = block_visibility(visible, block_size)

@@ -1,10 +1,12 @@
 """Vectorised torch implementations of the misa ops, used on CPU (and on any device without a
 Triton kernel). Queries are processed in chunks so that the extra memory is O(chunk x T) (times
-the head count for the per-head logits), never O(S x T)."""
+the head count for the per-head logits), never O(S x T). FP8 inputs and dequantization scales
+are applied once, up front (dequantize); the math after that is the same fp32 math."""
 from __future__ import annotations
 
 import torch
 
+from .validation import QUANTIZED_DTYPES
 from .visibility import block_visibility, chunk_visibility, pooled_keys
 
 NEG_INF = float("-inf")
@@ -20,6 +22,20 @@ def query_chunks(queries: int, per_query_elements: int, chunk: int):
         yield slice(start, min(start + chunk, queries))
 
 
+def dequantize(q, k, q_scale=None, k_scale=None):
+    """The real values q.float() * q_scale[..., None] and k.float() * k_scale[..., None]. FP8
+    tensors (torch has no matmul or gather for them) are upcast to fp32; other inputs without a
+    scale come back unchanged (the math upcasts them chunk by chunk)."""
+    return _real_values(q, q_scale), _real_values(k, k_scale)
+
+
+def _real_values(x, scale):
+    if x.dtype in QUANTIZED_DTYPES:
+        x = x.float()
+    # Tensor-tensor promotion computes a 16-bit x times the fp32 scale in fp32.
+    return x if scale is None else x * scale[..., None]
+
+
 def _finish_scores(scores, visible, bias, scale):
     scores = scores * scale
     if bias is not None:
@@ -29,7 +45,9 @@ def _finish_scores(scores, visible, bias, scale):
     return scores.masked_fill_(~visible, NEG_INF)
 
 
-def dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk):
+def dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk, q_scale=None,
+               k_scale=None):
+    q, k = dequantize(q, k, q_scale, k_scale)
     batch, queries, heads, _ = q.shape
     keys = k.shape[1]
     top = min(k_top, keys)
@@ -63,7 +81,9 @@ def _candidate_scores(q_rows, k32, w_rows, safe, gather_keys):
     return torch.einsum("bchn,bch->bcn", logits, w_rows.float())
 
 
-def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask, chunk):
+def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask, chunk,
+                q_scale=None, k_scale=None):
+    q, k = dequantize(q, k, q_scale, k_scale)
     batch, queries, heads, _ = q.shape
     keys = k.shape[1]
     if router == "qnorm":
@@ -83,20 +103,26 @@ def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, ke
 
 
 def gather_heads(q, w, heads):
-    """q [B,S,H,D], w [B,S,H], heads [B,S,h] -> q [B,S,h,D], w [B,S,h]."""
+    """q [B,S,H,D], w [B,S,H], heads [B,S,h] -> q [B,S,h,D], w [B,S,h] (q keeps its dtype)."""
     heads = heads.long()
-    q_routed = q.gather(2, heads[..., None].expand(*heads.shape, q.shape[-1]))
-    return q_routed, w.gather(2, heads)
+    # gather has no FP8 kernels: one-byte dtypes are moved as raw bytes.
+    source = q.view(torch.uint8) if q.element_size() == 1 else q
+    q_routed = source.gather(2, heads[..., None].expand(*heads.shape, q.shape[-1]))
+    return q_routed.view(q.dtype), w.gather(2, heads)
 
 
-def routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk):
+def routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk,
+                q_scale=None, k_scale=None):
+    q, k = dequantize(q, k, q_scale, k_scale)
     # The key is shared by all heads, so routed scoring is the dense indexer on gathered heads.
     q_routed, w_routed = gather_heads(q, w, heads)
     return dense_topk(q_routed, k, w_routed, k_top, scale, causal, key_start, key_end, mask, chunk)
 
 
-def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk):
+def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk,
+                q_scale=None, k_scale=None):
     """Exact all-head scores of the candidate keys only; candidates outside [0, T) are invalid."""
+    q, k = dequantize(q, k, q_scale, k_scale)
     batch, queries, heads, dim = q.shape
     keys = k.shape[1]
     width = candidates.shape[-1]
@@ -125,8 +151,10 @@ def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, m
     return values, indices
 
 
-def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk):
+def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk,
+                    q_scale=None, k_scale=None):
     """Key indices [B, S, min(m, nb) * block] of the kept blocks; -1 past the last key."""
+    q, k = dequantize(q, k, q_scale, k_scale)
     batch, queries, heads, _ = q.shape
     keys = k.shape[1]
     kbar = pooled_keys(k, block_size)

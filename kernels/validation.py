@@ -9,6 +9,9 @@ from typing import Optional
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# q and k may also be FP8 e4m3 (DeepSeek-V3.2 stores its indexer inputs so), dequantized by
+# q_scale / k_scale; w stays in FLOAT_DTYPES.
+QUANTIZED_DTYPES = (torch.float8_e4m3fn,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -33,8 +36,11 @@ def check_indexer_inputs(
     causal: bool = False,
     chunk: int = 0,
     extra_dtypes: tuple = (),
+    q_scale: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> IndexerShape:
-    """Checks the canonical layout q [B,S,H,D], k [B,T,D], w [B,S,H] and the visibility inputs."""
+    """Checks the canonical layout q [B,S,H,D], k [B,T,D], w [B,S,H], the dequantization scales
+    q_scale [B,S,H] and k_scale [B,T], and the visibility inputs."""
     _check_rank(op, "q", q, 4, "[B, S, H, D]")
     _check_rank(op, "k", k, 3, "[B, T, D]")
     _check_rank(op, "w", w, 3, "[B, S, H]")
@@ -59,10 +65,14 @@ def check_indexer_inputs(
                          f"{[batch, queries, heads]} to match q {tuple(q.shape)}")
     allowed = FLOAT_DTYPES + tuple(extra_dtypes)
     for name, t in (("q", q), ("k", k), ("w", w)):
-        if t.dtype not in allowed:
+        allowed_here = allowed + QUANTIZED_DTYPES if name != "w" else allowed
+        if t.dtype not in allowed_here:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed dtypes are "
-                            f"{', '.join(str(d) for d in allowed)}")
-    check_same_device(op, q, k=k, w=w, key_start=key_start, key_end=key_end, mask=mask)
+                            f"{', '.join(str(d) for d in allowed_here)}")
+    check_same_device(op, q, k=k, w=w, key_start=key_start, key_end=key_end, mask=mask,
+                      q_scale=q_scale, k_scale=k_scale)
+    _check_dequant_scale(op, "q_scale", q_scale, (batch, queries, heads), "[B, S, H]")
+    _check_dequant_scale(op, "k_scale", k_scale, (batch, keys), "[B, T]")
     if (key_start is None) != (key_end is None):
         raise ValueError(f"{op}: key_start and key_end must be given together (ragged key ranges "
                          "[key_start, key_end) per query)")
@@ -82,6 +92,28 @@ def check_indexer_inputs(
             raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, S, T] = "
                              f"{[batch, queries, keys]}")
     return IndexerShape(batch, queries, heads, dim, keys)
+
+
+def _check_dequant_scale(op: str, name: str, scale: Optional[torch.Tensor], expected: tuple,
+                         layout: str) -> None:
+    """A dequantization scale multiplies q (per token and head) or k (per token) before the math.
+    Only positive factors commute with ReLU and keep every ranking, so a zero, negative or
+    non-finite scale is refused rather than silently changing the selection."""
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor or None, got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{op}: {name} has dtype {scale.dtype}; allowed: torch.float32")
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"{op}: {name} has shape {tuple(scale.shape)}, expected {layout} = "
+                         f"{list(expected)}")
+    bad = ~((scale > 0) & torch.isfinite(scale))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: {name}{list(where)} = {float(scale[where])}; every scale must be "
+                         "finite and > 0 (a zero or negative scale would change the ranking, "
+                         "since ReLU commutes only with positive factors)")
 
 
 def check_positive_int(op: str, name: str, value: int, maximum: Optional[int] = None) -> None:

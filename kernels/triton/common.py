@@ -93,10 +93,15 @@ def next_pow2(n: int) -> int:
 
 
 def dot_config(*tensors: torch.Tensor) -> tuple[tl.dtype, str]:
-    """(operand dtype, input precision) for tl.dot over these inputs: their 16-bit dtype when they
-    share one (fp32 accumulation), else fp32 with 3-pass tf32 (close to fp32 accuracy). Under the
-    interpreter bf16 dots are wrong, so fp32 is used there."""
+    """(operand dtype, input precision) for tl.dot over these inputs, always accumulating in fp32:
+    FP8 e4m3 when every input is (the interpreter computes those dots exactly too); their 16-bit
+    dtype when they share one, FP8 e4m3 inputs among them included (e4m3 -> bf16/fp16 is exact);
+    else fp32 with 3-pass tf32 (close to fp32 accuracy). Under the interpreter bf16 dots are
+    wrong, so fp32 is used there."""
     dtypes = {t.dtype for t in tensors}
+    if dtypes == {torch.float8_e4m3fn}:
+        return tl.float8e4nv, "tf32"
+    dtypes.discard(torch.float8_e4m3fn)
     if len(dtypes) == 1 and not INTERPRET:
         dtype = dtypes.pop()
         if dtype == torch.bfloat16:
@@ -104,3 +109,9 @@ def dot_config(*tensors: torch.Tensor) -> tuple[tl.dtype, str]:
         if dtype == torch.float16:
             return tl.float16, "tf32"
     return tl.float32, "tf32x3"
+
+
+def dot_block_d(dim: int, dot_dtype: tl.dtype) -> int:
+    """Padded head dim (the dot's K): a power of two, at least 16, and 32 for 8-bit operands
+    (the smallest K the GPU's FP8 matrix instructions take)."""
+    return max(32 if dot_dtype.primitive_bitwidth == 8 else 16, next_pow2(dim))

@@ -19,14 +19,18 @@ from .select import CHUNK_BUDGET_BYTES
 
 def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_size: int,
                     num_blocks: int, causal: bool, key_start: Optional[torch.Tensor],
-                    key_end: Optional[torch.Tensor], chunk: int = 0) -> torch.Tensor:
-    """int64 [B, S, min(m, ceil(T/block)) * block] key ids of each query's kept blocks."""
+                    key_end: Optional[torch.Tensor], chunk: int = 0,
+                    k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [B, S, min(m, ceil(T/block)) * block] key ids of each query's kept blocks. k_scale
+    [B, T] dequantizes FP8 keys before pooling (the pooled keys are real values); a per-query
+    scale is the caller's to fold into w."""
     batch, queries = q.shape[:2]
     T = k.shape[1]
     device = q.device
-    # Block means are only a filter: 16-bit operands (the query's dtype) keep it on the
-    # matrix units.
-    kbar = pooled_keys(k, block_size).to(q.dtype)
+    # Block means are only a filter: 16-bit operands (the query's dtype; bf16 beside an FP8
+    # query, which the dot upcasts exactly) keep it on the matrix units.
+    kbar_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
+    kbar = pooled_keys(k, block_size, k_scale).to(kbar_dtype)
     total_blocks = kbar.shape[1]
     kept = min(num_blocks, total_blocks)
     out = torch.empty(batch, queries, kept * block_size, dtype=torch.int64, device=device)

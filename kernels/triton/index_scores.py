@@ -3,6 +3,10 @@ routed heads (MISA), with visibility fused:
 
     I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[n * key_stride])     (-inf if hidden)
 
+times k_scale[n * key_stride] when a per-key dequantization scale is given (FP8 keys: the scale
+is a positive factor per key, so it commutes with the ReLU and the head sum and is applied once
+to the score; a per-query scale is folded into w by the caller the same way).
+
 Queries are the matrix rows, so one key tile (loaded once, kept on chip) serves every head of the
 loop; each head's [BLOCK_M, D] query tile is loaded inside the loop (for routed heads, gathered
 through the per-query head table in the load itself). Accumulation is fp32.
@@ -26,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from .common import INTERPRET, append_candidates, dot_config, next_pow2, visible_range
+from .common import INTERPRET, append_candidates, dot_block_d, dot_config, visible_range
 
 MODE_FULL = 0
 MODE_EMIT = 1
@@ -35,16 +39,18 @@ MODE_EMIT = 1
 @triton.jit
 def index_scores_kernel(
     q_ptr, k_ptr, w_ptr, heads_ptr, ks_ptr, ke_ptr, lo_ptr, out_ptr, cand_idx_ptr, count_ptr,
-    rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
+    kscale_ptr, rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
     stride_hb, stride_hs, stride_hj,
     stride_rb, stride_rs,
     stride_ob, stride_or,
+    stride_sb, stride_st,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, MODE: tl.constexpr,
-    FORCE_ENDS: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FORCE_ENDS: tl.constexpr, KEY_BLOCK: tl.constexpr, HAS_KSCALE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PER_ELEMENT: tl.constexpr = False,
@@ -93,6 +99,10 @@ def index_scores_kernel(
             relu = tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL)
             acc += w_j.to(tl.float32)[:, None] * relu
         scores = acc * scale
+        if HAS_KSCALE:
+            k_scale = tl.load(kscale_ptr + b.to(tl.int64) * stride_sb
+                              + key_rows.to(tl.int64) * stride_st, mask=col_ok, other=1.0)
+            scores = scores * k_scale[None, :]
         # NaN never wins a selection: it ranks with the hidden keys.
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         if FORCE_ENDS:
@@ -135,7 +145,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 _tuned_kernel = triton.autotune(
-    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "ROUTED", "KEY_BLOCK"], pre_hook=_reset_count,
+    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "ROUTED", "KEY_BLOCK", "HAS_KSCALE"],
+    pre_hook=_reset_count,
     prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)
 
@@ -146,9 +157,11 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
                  key_stride: int = 1, key_block: int = 1, force_ends: bool = False,
                  out: Optional[torch.Tensor] = None,
                  emit: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                 total_queries: Optional[int] = None, total_positions: Optional[int] = None) -> None:
+                 total_queries: Optional[int] = None, total_positions: Optional[int] = None,
+                 k_scale: Optional[torch.Tensor] = None) -> None:
     """Scores queries [row0, row0 + rows) of q [B,S,H,D] against key slots [0, n_cols) of
-    k [B,n_keys,D] (slot n is key row n * key_stride).
+    k [B,n_keys,D] (slot n is key row n * key_stride), times k_scale [B, n_keys] fp32 of the
+    key row when given (never for pooled keys, which are already real values).
 
     Exactly one of `out` (FULL: fp32 [B, rows, n_cols], any row strides, unit column stride) or
     `emit` = (lo [B*rows] fp32, cand_val [B*rows, CAP] fp32, cand_idx [B*rows, CAP] int32,
@@ -176,12 +189,16 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     ks = key_start if ragged else dummy
     ke = key_end if ragged else dummy
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    block_d = max(16, next_pow2(dim))
+    assert k_scale is None or key_block == 1, "pooled keys are real values: no k_scale"
+    block_d = dot_block_d(dim, dot_dtype)
+    sstr = k_scale.stride() if k_scale is not None else (0, 0)
     args = (q, k, w, heads_t, ks, ke, lo, out_ptr, cand_idx, count,
+            k_scale if k_scale is not None else dummy,
             rows, row0, S_total, T, n_keys, n_cols, head_slots, float(scale), key_stride,
-            *q.stride(), *k.stride(), *w.stride(), *hstr, *rstr, stride_ob, stride_or, dim)
+            *q.stride(), *k.stride(), *w.stride(), *hstr, *rstr, stride_ob, stride_or, *sstr, dim)
     meta = dict(CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, MODE=mode,
-                FORCE_ENDS=force_ends, KEY_BLOCK=key_block, DOT_DTYPE=dot_dtype,
+                FORCE_ENDS=force_ends, KEY_BLOCK=key_block, HAS_KSCALE=k_scale is not None,
+                DOT_DTYPE=dot_dtype,
                 PRECISION=precision, CAP=cap, BLOCK_D=block_d)
     if INTERPRET:
         grid = (triton.cdiv(rows, 16), triton.cdiv(n_cols, 16), batch)

@@ -2,6 +2,9 @@
 
     I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[key(n)])       (-inf if hidden)
 
+times k_scale[key(n)] when a per-key dequantization scale is given (FP8 keys; a positive factor
+per key commutes with the ReLU and the head sum).
+
 The shape for few queries per sequence: decode (one query per sequence, a batch of sequences of
 different lengths through ragged ranges) and re-ranking (each query's own candidate keys,
 gathered by index inside the load). A [heads, D] query tile stays in registers while the program
@@ -15,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot_config, next_pow2, visible_range
+from .common import INTERPRET, dot_block_d, dot_config, next_pow2, visible_range
 
 
 @triton.jit
 def query_scores_kernel(
-    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr,
+    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr,
     rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
@@ -29,9 +32,10 @@ def query_scores_kernel(
     stride_cb, stride_cs, stride_cn,
     stride_rb, stride_rs,
     stride_ob, stride_or,
+    stride_sb, stride_st,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, GATHER: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -88,6 +92,9 @@ def query_scores_kernel(
         logits = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
         scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL),
                         axis=0) * scale
+        if HAS_KSCALE:
+            scores = scores * tl.load(kscale_ptr + b.to(tl.int64) * stride_sb + keys * stride_st,
+                                      mask=visible, other=1.0)
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         tl.store(out_row + cols, scores, mask=col_ok)
 
@@ -96,10 +103,11 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
                  rows: int, row0: int, causal: bool, key_start: Optional[torch.Tensor],
                  key_end: Optional[torch.Tensor], scale: float,
                  heads: Optional[torch.Tensor] = None,
-                 candidates: Optional[torch.Tensor] = None) -> None:
+                 candidates: Optional[torch.Tensor] = None,
+                 k_scale: Optional[torch.Tensor] = None) -> None:
     """out [B, rows, n_cols] fp32 (unit column stride) <- scores of queries [row0, row0+rows)
     against keys 0..n_cols-1, or against candidates [B, S, n_cols] (key ids; ids outside [0, T)
-    score -inf) when given."""
+    score -inf) when given; each key's score times k_scale [B, T] fp32 when given."""
     batch, queries, num_heads, dim = q.shape
     T = k.shape[1]
     n_cols = out.shape[2]
@@ -112,7 +120,8 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     cstr = candidates.stride() if candidates is not None else (0, 0, 0)
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     block_h = max(16, next_pow2(head_slots))
-    block_d = max(16, next_pow2(dim))
+    block_d = dot_block_d(dim, dot_dtype)
+    sstr = k_scale.stride() if k_scale is not None else (0, 0)
     if INTERPRET:
         block_n, warps, stages = 16, 1, 1
     else:
@@ -131,9 +140,10 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
         q, k, w, heads if heads is not None else dummy,
         candidates if candidates is not None else dummy,
         key_start if ragged else dummy, key_end if ragged else dummy, out,
+        k_scale if k_scale is not None else dummy,
         rows, row0, queries, T, n_cols, head_slots, float(scale), cols_per_program,
         *q.stride(), *k.stride(), *w.stride(), *hstr, *cstr, *rstr,
-        out.stride(0), out.stride(1), dim,
+        out.stride(0), out.stride(1), *sstr, dim,
         CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, GATHER=candidates is not None,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_KSCALE=k_scale is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=warps, num_stages=stages)

@@ -1,6 +1,11 @@
 """Registers the Triton kernels as the CUDA implementations of the misa ops (the ops validate
 their inputs before calling these). What the kernels do not cover (a mask tensor, the "qnorm"
-router) runs the chunked torch implementation on the GPU."""
+router) runs the chunked torch implementation on the GPU.
+
+FP8 dequantization: q_scale is folded into the weights here (w * q_scale, fp32: a positive factor
+per query and head commutes with the ReLU of the index score, HISA's block score and the router's
+|w|-weighted sum), and k_scale goes to the kernels, which multiply each key's score by it (or pool
+k * k_scale for the router and HISA)."""
 from __future__ import annotations
 
 from .. import torch_impl
@@ -11,43 +16,56 @@ from .router import route_heads as _route_heads
 from .select import scored_topk
 
 
+def _fold_query_scale(w, q_scale):
+    # q_scale is validated finite and > 0, so the fold is exact up to one fp32 rounding.
+    return w if q_scale is None else w.float() * q_scale
+
+
 @register_implementation("dense_topk", "cuda")
-def _dense_topk_cuda(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk):
+def _dense_topk_cuda(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk,
+                     q_scale=None, k_scale=None):
     if mask is not None:
         return torch_impl.dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask,
-                                     chunk)
-    return scored_topk(q, k, w, None, k_top, scale, causal, key_start, key_end, chunk)
+                                     chunk, q_scale, k_scale)
+    return scored_topk(q, k, _fold_query_scale(w, q_scale), None, k_top, scale, causal,
+                       key_start, key_end, chunk, k_scale=k_scale)
 
 
 @register_implementation("route_heads", "cuda")
 def _route_heads_cuda(q, k, w, active_heads, block_size, router, causal, key_start, key_end,
-                      mask, chunk):
+                      mask, chunk, q_scale=None, k_scale=None):
     if mask is not None or router != "score":
         return torch_impl.route_heads(q, k, w, active_heads, block_size, router, causal,
-                                      key_start, key_end, mask, chunk)
-    return _route_heads(q, k, w, active_heads, block_size, causal, key_start, key_end)
+                                      key_start, key_end, mask, chunk, q_scale, k_scale)
+    return _route_heads(q, k, _fold_query_scale(w, q_scale), active_heads, block_size, causal,
+                        key_start, key_end, k_scale=k_scale)
 
 
 @register_implementation("routed_topk", "cuda")
-def _routed_topk_cuda(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk):
+def _routed_topk_cuda(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale=None, k_scale=None):
     if mask is not None:
         return torch_impl.routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end,
-                                      mask, chunk)
-    return scored_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, chunk)
+                                      mask, chunk, q_scale, k_scale)
+    return scored_topk(q, k, _fold_query_scale(w, q_scale), heads, k_top, scale, causal,
+                       key_start, key_end, chunk, k_scale=k_scale)
 
 
 @register_implementation("rerank_topk", "cuda")
-def _rerank_topk_cuda(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk):
+def _rerank_topk_cuda(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale=None, k_scale=None):
     if mask is not None:
         return torch_impl.rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start,
-                                      key_end, mask, chunk)
-    return _rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, chunk)
+                                      key_end, mask, chunk, q_scale, k_scale)
+    return _rerank_topk(q, k, _fold_query_scale(w, q_scale), candidates, k_top, scale, causal,
+                        key_start, key_end, chunk, k_scale=k_scale)
 
 
 @register_implementation("hisa_candidates", "cuda")
 def _hisa_candidates_cuda(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask,
-                          chunk):
+                          chunk, q_scale=None, k_scale=None):
     if mask is not None:
         return torch_impl.hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start,
-                                          key_end, mask, chunk)
-    return _hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, chunk)
+                                          key_end, mask, chunk, q_scale, k_scale)
+    return _hisa_candidates(q, k, _fold_query_scale(w, q_scale), block_size, num_blocks, causal,
+                            key_start, key_end, chunk, k_scale=k_scale)

@@ -1,6 +1,7 @@
 """The MISA router on the GPU: pooled block keys, per-head router scores, top-h heads.
 
-    kbar[b]  = mean of k over key block b (the last, partial block averages its valid keys)
+    kbar[b]  = mean of k over key block b (the last, partial block averages its valid keys);
+               of the real keys k * k_scale when FP8 keys come with a per-key scale
     r[t, j]  = |w[t, j]| * sum over blocks b visible to t of ReLU(q[t, j] . kbar[b])
     heads[t] = the h heads with the largest r[t, :]  (NaN ranks lowest; order unspecified)
 
@@ -20,8 +21,9 @@ from .common import INTERPRET, next_pow2, visible_range
 
 
 @triton.jit
-def pooled_keys_kernel(k_ptr, out_ptr, T, block, stride_kb, stride_kt, stride_kd,
-                       stride_ob, stride_on, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def pooled_keys_kernel(k_ptr, kscale_ptr, out_ptr, T, block, stride_kb, stride_kt, stride_kd,
+                       stride_sb, stride_st, stride_ob, stride_on, D, HAS_KSCALE: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     start = blk * block
@@ -32,22 +34,28 @@ def pooled_keys_kernel(k_ptr, out_ptr, T, block, stride_kb, stride_kt, stride_kd
         pos = s0 + tl.arange(0, BLOCK_T)
         x = tl.load(k_ptr + b.to(tl.int64) * stride_kb + pos.to(tl.int64)[:, None] * stride_kt
                     + d[None, :] * stride_kd, mask=(pos < end)[:, None] & (d < D)[None, :],
-                    other=0.0)
-        acc += tl.sum(x.to(tl.float32), axis=0)
+                    other=0.0).to(tl.float32)
+        if HAS_KSCALE:
+            x = x * tl.load(kscale_ptr + b.to(tl.int64) * stride_sb + pos.to(tl.int64) * stride_st,
+                            mask=pos < end, other=0.0)[:, None]
+        acc += tl.sum(x, axis=0)
     mean = acc / (end - start).to(tl.float32)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + blk.to(tl.int64) * stride_on + d, mean,
              mask=d < D)
 
 
-def pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
-    """k [B, T, D] -> fp32 [B, ceil(T/block), D]."""
+def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """k [B, T, D] (times k_scale [B, T] fp32 per key when given) -> fp32 [B, ceil(T/block), D]."""
     batch, T, dim = k.shape
     n_blocks = triton.cdiv(T, block)
     out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
     block_t = 16 if INTERPRET else 64
+    sstr = k_scale.stride() if k_scale is not None else (0, 0)
     pooled_keys_kernel[(n_blocks, batch)](
-        k, out, T, block, *k.stride(), out.stride(0), out.stride(1), dim,
-        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
+        k, k_scale if k_scale is not None else k, out, T, block, *k.stride(), *sstr,
+        out.stride(0), out.stride(1), dim, HAS_KSCALE=k_scale is not None, BLOCK_T=block_t,
+        BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
     return out
 
 
@@ -109,11 +117,14 @@ def route_heads_kernel(
 
 def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads: int,
                 block_size: int, causal: bool, key_start: Optional[torch.Tensor],
-                key_end: Optional[torch.Tensor]) -> torch.Tensor:
-    """int64 [B, S, active_heads]: each query's routed heads (router = "score")."""
+                key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """int64 [B, S, active_heads]: each query's routed heads (router = "score"). k_scale [B, T]
+    dequantizes FP8 keys; a per-query scale is the caller's to fold into w (the router uses
+    |w| and sums ReLU terms, both homogeneous in a positive factor)."""
     batch, queries, num_heads, dim = q.shape
     T = k.shape[1]
-    kbar = pooled_keys(k, block_size)
+    kbar = pooled_keys(k, block_size, k_scale)
     n_blocks = kbar.shape[1]
     out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
     ragged = key_start is not None

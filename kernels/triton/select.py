@@ -53,18 +53,20 @@ def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int
 
 def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Optional[torch.Tensor],
                 k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
-                key_end: Optional[torch.Tensor], chunk: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                key_end: Optional[torch.Tensor], chunk: int = 0,
+                k_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-min(k_top, T) keys per query of the index score over all heads (heads=None) or over
     each query's routed heads [B, S, h]. Returns (values fp32, indices int64) [B, S, K],
-    unordered; see ops.py for the conventions."""
+    unordered; see ops.py for the conventions. k_scale [B, T] fp32 dequantizes FP8 keys (each
+    key's score is multiplied by it); a per-query scale is folded into w by the caller."""
     batch, queries, _, _ = q.shape
     T = k.shape[1]
     K = min(k_top, T)
     device = q.device
     values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
     indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
-    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, heads=heads)
+    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, heads=heads,
+               k_scale=k_scale)
 
     if queries < FEW_QUERIES:
         scores = torch.empty(batch, queries, T, dtype=torch.float32, device=device)
@@ -121,12 +123,12 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
     if bad.any():
         _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end,
-                        values, indices)
+                        values, indices, k_scale)
     return values, indices
 
 
 def _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end, values,
-                    indices):
+                    indices, k_scale):
     """Rows whose sampled threshold missed, redone exactly by the chunked torch implementation
     with their visibility spelled as explicit ranges."""
     batch, queries = bad.shape
@@ -140,6 +142,7 @@ def _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_en
         if heads is not None:
             q_b, w_b = torch_impl.gather_heads(q_b, w_b, heads[b:b + 1, rows])
         v, i = torch_impl.dense_topk(q_b, k[b:b + 1], w_b, k_top, scale, False,
-                                     lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0)
+                                     lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0, None,
+                                     None if k_scale is None else k_scale[b:b + 1])
         values[b, rows] = v[0]
         indices[b, rows] = i[0]
