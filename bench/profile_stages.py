@@ -1,7 +1,7 @@
 """Time of each stage of the selection pipelines on one CUDA card, to see where the time goes:
 top-k alone of [8192 x 65536] fp32 (sample threshold, row compaction, candidate top-k) and
-dense / MISA at 8192 queries x 64K keys (router, head gather, scoring with each scoring kernel,
-selection from the scores, the whole op).
+dense / MISA at 8192 queries x 64K keys (router, head gather, scoring, selection from the
+scores, the fused selection route, the whole op), and decode at 64 sequences x 64K keys.
 
     python bench/profile_stages.py"""
 from __future__ import annotations
@@ -15,9 +15,11 @@ import misa_compile  # noqa: F401
 from misa_compile.kernels.torch_impl import gather_heads
 from misa_compile.kernels.triton import candidate_topk as ct
 from misa_compile.kernels.triton import sample_threshold as st
+from misa_compile.kernels.triton.compact_rows import _tuned_kernel as compact_rows_tuned
 from misa_compile.kernels.triton.compact_rows import compact_rows
 from misa_compile.kernels.triton.index_scores import index_scores
-from misa_compile.kernels.triton.router import route_heads
+from misa_compile.kernels.triton.query_scores import query_scores
+from misa_compile.kernels.triton.router import pooled_keys, route_heads
 from misa_compile.kernels.triton.row_topk import plan_selection, topk_rows
 from workloads import make_inputs
 
@@ -101,9 +103,36 @@ def fused_emit_path(q, k, w, vis, K=2048):
                       ids=cand_idx.view(1, S, -1), count=count, lo=lo)
 
 
+def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
+    """One query per sequence: scoring, selection, router, whole ops; the key-read floor."""
+    q, k, w = make_inputs(batch, 1, T, H)
+    vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+    scores = torch.empty(batch, 1, T, device="cuda")
+    out["decode.query_scores dense"] = ms(lambda: query_scores(q, k, w, scores, rows=1, row0=0,
+                                                               **vis))
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    q_r, w_r = gather_heads(q, w, heads)
+    out["decode.query_scores routed"] = ms(lambda: query_scores(q_r, k, w_r, scores, rows=1,
+                                                                row0=0, **vis))
+    values = torch.empty(batch, 1, K, device="cuda")
+    indices = torch.empty(batch, 1, K, dtype=torch.int64, device="cuda")
+    out["decode.topk_rows"] = ms(lambda: topk_rows(scores, K, values, indices))
+    out["decode.pooled_keys"] = ms(lambda: pooled_keys(k, 1024))
+    out["decode.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None, None))
+    ops = torch.ops.misa
+    out["decode.op dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, K, 1.0, True))
+    out["decode.op routed_topk"] = ms(lambda: ops.routed_topk(q, k, w, heads, K, 1.0, True))
+    out["decode.read keys (sum)"] = ms(lambda: k.sum())
+    copy = torch.empty_like(k)
+    out["decode.copy keys"] = ms(lambda: copy.copy_(k))
+
+
 def main():
     out = {}
     topk_alone(out)
+    print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
+    torch.cuda.empty_cache()
+    decode(out)
     torch.cuda.empty_cache()
     scoring(out)
     for key, value in out.items():

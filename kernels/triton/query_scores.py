@@ -128,9 +128,9 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
         block_n = 128 if block_h <= 64 else 64
         warps, stages = (4, 3) if block_h <= 16 else (8, 3)
         if k.element_size() >= 4:
-            # fp32 tiles are twice as large: three stages of a 128-key tile plus the query tile
-            # (H=64, D=128) need 263 KB of shared memory, over the card's 227 KB.
-            stages = 2
+            # fp32 tiles are twice as large: even two stages of a 128-key tile plus the query
+            # tile (H=64, D=128) need 256 KB of shared memory, over the card's 227 KB.
+            block_n, stages = 64, 2
     # Enough programs to fill the card, each walking a long run of keys (the query tile is
     # loaded once per program).
     programs_per_row = max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(1024, batch * rows)))

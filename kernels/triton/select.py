@@ -7,9 +7,16 @@ Per chunk of queries (extra memory O(chunk x (T/16 + capacity)), never O(chunk x
      candidate lists (about 1.4 k entries instead of T);
   3. candidate_topk selects exactly within each list and flags the rare row whose threshold
      missed; flagged rows are recomputed by the chunked torch implementation.
-Chunks whose keys fit a candidate list (short contexts) are scored in full and selected
-directly. Few queries per sequence (decode) take the heads-as-rows kernel (query_scores) and
-select with row_topk. Causal chunks only launch key tiles up to their last visible key."""
+Routed heads are gathered once into contiguous [B, S, h, D] / [B, S, h] tensors, so routed
+scoring is the dense kernel over h heads with plain strided loads (measured 27% faster on an
+H100 than gathering through the head table inside the kernel's loads). Chunks whose keys fit a
+candidate list (short contexts) are scored in full and selected directly. Few queries per
+sequence (decode) take the heads-as-rows kernel (query_scores) and select with topk_rows.
+Causal chunks only launch key tiles up to their last visible key.
+
+Writing the chunk's full fp32 scores and selecting from them (topk_rows) measured about as fast
+for the dense kernel and 8% slower for 8 routed heads at 8192 x 64K, with O(chunk x T) memory."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import torch_impl
+from ..torch_impl import gather_heads
 from .candidate_topk import candidate_topk
 from .index_scores import index_scores
 from .query_scores import query_scores
@@ -51,6 +59,14 @@ def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int
     return max(128, min(queries, rows // 128 * 128))
 
 
+def _gather_routed(q: torch.Tensor, w: torch.Tensor, heads: torch.Tensor):
+    if q.element_size() == 1:
+        # torch.gather has no float8 kernels: the bytes move as uint8.
+        q_bytes, w_routed = gather_heads(q.view(torch.uint8), w, heads)
+        return q_bytes.view(q.dtype), w_routed
+    return gather_heads(q, w, heads)
+
+
 def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Optional[torch.Tensor],
                 k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
                 key_end: Optional[torch.Tensor], chunk: int = 0,
@@ -63,10 +79,11 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
     T = k.shape[1]
     K = min(k_top, T)
     device = q.device
+    if heads is not None:
+        q, w = _gather_routed(q, w, heads)
     values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
     indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
-    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, heads=heads,
-               k_scale=k_scale)
+    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, k_scale=k_scale)
 
     if queries < FEW_QUERIES:
         scores = torch.empty(batch, queries, T, dtype=torch.float32, device=device)
@@ -122,13 +139,13 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
                        tail_base=hi.reshape(-1), flags=flags)
         bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
     if bad.any():
-        _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end,
-                        values, indices, k_scale)
+        _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale,
+                        values, indices)
     return values, indices
 
 
-def _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_end, values,
-                    indices, k_scale):
+def _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, values,
+                    indices):
     """Rows whose sampled threshold missed, redone exactly by the chunked torch implementation
     with their visibility spelled as explicit ranges."""
     batch, queries = bad.shape
@@ -138,11 +155,9 @@ def _recompute_rows(bad, q, k, w, heads, k_top, scale, causal, key_start, key_en
         rows = bad[b].nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        q_b, w_b = q[b:b + 1, rows], w[b:b + 1, rows]
-        if heads is not None:
-            q_b, w_b = torch_impl.gather_heads(q_b, w_b, heads[b:b + 1, rows])
-        v, i = torch_impl.dense_topk(q_b, k[b:b + 1], w_b, k_top, scale, False,
-                                     lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0, None,
-                                     None if k_scale is None else k_scale[b:b + 1])
+        k_scale_b = k_scale[b:b + 1] if k_scale is not None else None
+        v, i = torch_impl.dense_topk(q[b:b + 1, rows], k[b:b + 1], w[b:b + 1, rows], k_top, scale,
+                                     False, lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0,
+                                     k_scale=k_scale_b)
         values[b, rows] = v[0]
         indices[b, rows] = i[0]

@@ -177,7 +177,9 @@ def test_both_slot_reservations_append_exactly_the_scores_above_threshold(per_el
         assert torch.equal(cand_val[row, :n], x[row, ids])
 
 
-def test_row_compaction_keeps_the_finite_scores_above_threshold_in_column_order():
+@pytest.mark.parametrize("parts", [1, 3])
+def test_row_compaction_keeps_the_finite_scores_above_threshold(parts):
+    # parts=1: one program per row, column order; parts=3: pieces reserve slots by atomics.
     x = torch.randn(2, 3, 70)
     x[0, 1, 5] = float("nan")
     x[1, 0, :60] = NEG_INF
@@ -185,16 +187,18 @@ def test_row_compaction_keeps_the_finite_scores_above_threshold_in_column_order(
     cap = 24
     cand_val, cand_idx = torch.empty(6, cap), torch.empty(6, cap, dtype=torch.int32)
     count = torch.full((6,), 99, dtype=torch.int32)
-    compact_rows(x, lo, cand_val, cand_idx, count)
+    compact_rows(x, lo, cand_val, cand_idx, count, parts=parts)
     flat = x.reshape(6, 70)
     expected = (flat >= lo[:, None]) & (flat > NEG_INF)
     assert torch.equal(count.long(), expected.sum(-1))
     assert (count > cap).any(), "the case must cover an overflowing row"
     for row in range(6):
-        ids = expected[row].nonzero().flatten()[:cap]
-        n = ids.numel()
-        assert torch.equal(cand_idx[row, :n].long(), ids)
+        n = min(int(count[row]), cap)
+        ids = cand_idx[row, :n].long()
+        assert ids.unique().numel() == n and expected[row, ids].all()
         assert torch.equal(cand_val[row, :n], flat[row, ids])
+        if parts == 1 or n < cap:
+            assert torch.equal(ids.sort().values, expected[row].nonzero().flatten()[:n])
 
 
 @FEW
