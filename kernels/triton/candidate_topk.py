@@ -44,7 +44,7 @@ def candidate_topk_kernel(
                      mask=valid, other=float("-inf"))
     values = tl.where(values == values, values, float("-inf"))
     keys = tl.where(valid, ordered_key(values), 0)
-    threshold = kth_largest_key(keys, K)
+    threshold = kth_largest_key(keys, K, NARROW=True)
 
     above = keys > threshold
     tied = keys == threshold

@@ -110,6 +110,35 @@ def test_nan_scores_never_win():
     assert not torch.isfinite(values[0, 3]).any()
 
 
+@pytest.mark.parametrize("row", ["equal", "fewer_than_k", "signs", "wide", "narrow"])
+def test_candidate_topk_on_rows_that_share_high_bits_or_not(row):
+    # The k-th largest search skips the high bits shared by the row's min and max valid keys.
+    gen = torch.Generator().manual_seed(5)
+    x = {"equal": torch.full((1, 2, 40), 1.5),
+         "fewer_than_k": torch.cat([torch.randn(1, 2, 6, generator=gen),
+                                    torch.full((1, 2, 34), NEG_INF)], -1),
+         "signs": torch.randn(1, 2, 40, generator=gen),
+         "wide": torch.randn(1, 2, 40, generator=gen) * torch.logspace(-30, 30, 40),
+         "narrow": 1.0 + torch.rand(1, 2, 40, generator=gen) * 1e-3}[row]
+    values = torch.empty(1, 2, 12)
+    indices = torch.empty(1, 2, 12, dtype=torch.int64)
+    candidate_topk(x, 12, 40, values, indices)
+    expect = x.topk(12, dim=-1).values
+    assert torch.equal(values.sort(-1).values, expect.sort(-1).values)
+    finite = torch.isfinite(values)
+    assert torch.equal(x.gather(-1, indices)[finite], values[finite])
+    assert all(row.unique().numel() == 12 for row in indices.view(-1, 12))
+
+
+def test_candidate_topk_on_rows_shorter_than_k():
+    x = torch.tensor([[[1.25, 1.5, 1.75, 1.375, 1.625, 1.125]]])
+    values = torch.empty(1, 1, 12)
+    indices = torch.empty(1, 1, 12, dtype=torch.int64)
+    candidate_topk(x, 12, 40, values, indices)
+    assert torch.equal(values[torch.isfinite(values)].sort().values, x.flatten().sort().values)
+    assert (values == NEG_INF).sum() == 6
+
+
 @FEW
 @given(n=st.integers(1, 300), k_top=st.integers(1, 64), ties=st.booleans())
 def test_candidate_topk_matches_torch_topk(n, k_top, ties):
