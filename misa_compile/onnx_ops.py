@@ -13,8 +13,12 @@ cut to min(k_top, T): ONNX TopK ranks equal values by lower index, so the paddin
 real key. The ONNX graph is not chunked: it holds the [B, S, H, T] per-head logits at once, so
 callers bound memory by feeding queries in chunks.
 
+Dequantization scales (q_scale [B,S,H], k_scale [B,T]) become a Cast to float and a Mul, as in
+torch_impl.dequantize. FP8 e4m3 q / k need opset 19 or later (the first Cast from float8).
+
 With `custom_domain=True` every op becomes one node of the "misa" domain instead (schemas in
-`MISA_SCHEMAS`, registered with onnx.defs), for runtimes that provide the kernels as plugins."""
+`MISA_SCHEMAS`, registered with onnx.defs), for runtimes that provide the kernels as plugins. Those
+nodes take no dequantization scales and no FP8 inputs: such calls raise NotImplementedError."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -77,6 +81,12 @@ def _as_1d(scalar):
 
 def _f32(x):
     return op.Cast(x, to=FLOAT)
+
+
+def _real(x, scale):
+    """x as its float32 real values: x * scale[..., None] when a dequantization scale is given."""
+    x32 = _f32(x)
+    return x32 if scale is None else op.Mul(x32, op.Unsqueeze(_f32(scale), _ints(-1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +242,8 @@ def _block_scores(q32, k32, keys, num_blocks, block: int):
 
 
 def dense_topk(q, k, w, k_top: int, scale: float = 1.0, causal: bool = True, key_start=None,
-               key_end=None, mask=None, chunk: int = 0):
-    scores = _sum_heads(_f32(w), _per_head_logits(_f32(q), _f32(k)))
+               key_end=None, mask=None, chunk: int = 0, q_scale=None, k_scale=None):
+    scores = _sum_heads(_f32(w), _per_head_logits(_real(q, q_scale), _real(k, k_scale)))
     return _select_keys(scores, q, k, k_top, scale, causal, key_start, key_end, mask)
 
 
@@ -250,12 +260,13 @@ def _select_keys(scores, q, k, k_top, scale, causal, key_start, key_end, mask):
 
 
 def route_heads(q, k, w, active_heads: int, block_size: int = 1024, router: str = "score",
-                causal: bool = True, key_start=None, key_end=None, mask=None, chunk: int = 0):
-    q32 = _f32(q)
+                causal: bool = True, key_start=None, key_end=None, mask=None, chunk: int = 0,
+                q_scale=None, k_scale=None):
+    q32 = _real(q, q_scale)
     if router == "qnorm":
         scores = op.ReduceL2(q32, _ints(-1), keepdims=0)
     else:
-        k32 = _f32(k)
+        k32 = _real(k, k_scale)
         keys = _size(k, 1)
         num_blocks = _num_blocks(keys, block_size)
         per_block = _block_scores(q32, k32, keys, num_blocks, block_size)  # [B,S,H,nb]
@@ -272,19 +283,21 @@ def route_heads(q, k, w, active_heads: int, block_size: int = 1024, router: str 
 
 
 def routed_topk(q, k, w, heads, k_top: int, scale: float = 1.0, causal: bool = True,
-                key_start=None, key_end=None, mask=None, chunk: int = 0):
+                key_start=None, key_end=None, mask=None, chunk: int = 0, q_scale=None,
+                k_scale=None):
     # The key is shared by all heads, so routed scoring is the dense indexer on gathered heads.
     heads = op.Cast(heads, to=INT64)
     q_index = op.Expand(op.Unsqueeze(heads, _ints(3)),
                         op.Concat(op.Shape(heads), op.Shape(q, start=3, end=4), axis=0))
-    q_routed = op.GatherElements(_f32(q), q_index, axis=2)
+    q_routed = op.GatherElements(_real(q, q_scale), q_index, axis=2)
     w_routed = op.GatherElements(_f32(w), heads, axis=2)
-    scores = _sum_heads(w_routed, _per_head_logits(q_routed, _f32(k)))
+    scores = _sum_heads(w_routed, _per_head_logits(q_routed, _real(k, k_scale)))
     return _select_keys(scores, q, k, k_top, scale, causal, key_start, key_end, mask)
 
 
 def rerank_topk(q, k, w, candidates, k_top: int, scale: float = 1.0, causal: bool = True,
-                key_start=None, key_end=None, mask=None, chunk: int = 0):
+                key_start=None, key_end=None, mask=None, chunk: int = 0, q_scale=None,
+                k_scale=None):
     keys = _size(k, 1)
     cand = op.Cast(candidates, to=INT64)  # [B,S,C]
     valid = op.And(op.GreaterOrEqual(cand, _int(0)), op.Less(cand, keys))
@@ -292,9 +305,10 @@ def rerank_topk(q, k, w, candidates, k_top: int, scale: float = 1.0, causal: boo
     # k[b, safe[b,s,c]] through one flat Gather (portable; GatherND with batch dims is not).
     batch_offsets = op.Mul(op.Range(_int(0), _size(k, 0), _int(1)), keys)
     flat_ids = op.Add(safe, op.Unsqueeze(batch_offsets, _ints(1, 2)))
-    flat_keys = op.Reshape(_f32(k), op.Concat(_ints(-1), op.Shape(k, start=2, end=3), axis=0))
+    flat_keys = op.Reshape(_real(k, k_scale),
+                           op.Concat(_ints(-1), op.Shape(k, start=2, end=3), axis=0))
     cand_keys = op.Gather(flat_keys, flat_ids, axis=0)  # [B,S,C,D]
-    logits = op.Relu(op.MatMul(_f32(q), op.Transpose(cand_keys, perm=[0, 1, 3, 2])))
+    logits = op.Relu(op.MatMul(_real(q, q_scale), op.Transpose(cand_keys, perm=[0, 1, 3, 2])))
     scores = _sum_heads(_f32(w), logits)  # [B,S,C]
     mask_at = None if mask is None else op.GatherElements(mask, safe, axis=2)
     visible, bias = _visibility(safe, _size(q, 1), keys, causal, key_start, key_end, mask_at,
@@ -310,11 +324,12 @@ def rerank_topk(q, k, w, candidates, k_top: int, scale: float = 1.0, causal: boo
 
 
 def hisa_candidates(q, k, w, block_size: int = 128, num_blocks: int = 64, causal: bool = True,
-                    key_start=None, key_end=None, mask=None, chunk: int = 0):
-    k32 = _f32(k)
+                    key_start=None, key_end=None, mask=None, chunk: int = 0, q_scale=None,
+                    k_scale=None):
+    k32 = _real(k, k_scale)
     keys = _size(k, 1)
     total_blocks = _num_blocks(keys, block_size)
-    per_block = _block_scores(_f32(q), k32, keys, total_blocks, block_size)
+    per_block = _block_scores(_real(q, q_scale), k32, keys, total_blocks, block_size)
     beta = _nan_to_num(_sum_heads(_f32(w), per_block))  # [B,S,nb]
     visible, _ = _key_visibility(q, k, causal, key_start, key_end, mask)
     if visible is not None:
@@ -424,32 +439,54 @@ def register_misa_schemas() -> None:
 _MISA = onnxscript.values.Opset(MISA_DOMAIN, MISA_DOMAIN_VERSION)
 
 
+def _refuse_quantized(node: str, q, k, q_scale, k_scale) -> None:
+    """The misa-domain schemas have no scale inputs and type q, k, w alike, so FP8 inputs and
+    dequantization scales have no spelling there."""
+    for name, value in (("q_scale", q_scale), ("k_scale", k_scale)):
+        if value is not None:
+            raise NotImplementedError(
+                f"misa ONNX custom domain: {node} has no {name} input; export with "
+                "custom_domain=False (standard ONNX dequantizes with Cast and Mul)")
+    for name, value in (("q", q), ("k", k)):
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and int(dtype) == onnx.TensorProto.FLOAT8E4M3FN:
+            raise NotImplementedError(
+                f"misa ONNX custom domain: {node} takes float, float16 or bfloat16 {name}, got "
+                "float8e4m3fn; export with custom_domain=False")
+
+
 def _custom_dense_topk(q, k, w, k_top, scale=1.0, causal=True, key_start=None, key_end=None,
-                       mask=None, chunk=0):
+                       mask=None, chunk=0, q_scale=None, k_scale=None):
+    _refuse_quantized("DenseTopK", q, k, q_scale, k_scale)
     return _MISA.DenseTopK(q, k, w, key_start, key_end, mask, k_top=k_top, scale=float(scale),
                            causal=int(causal))
 
 
 def _custom_route_heads(q, k, w, active_heads, block_size=1024, router="score", causal=True,
-                        key_start=None, key_end=None, mask=None, chunk=0):
+                        key_start=None, key_end=None, mask=None, chunk=0, q_scale=None,
+                        k_scale=None):
+    _refuse_quantized("RouteHeads", q, k, q_scale, k_scale)
     return _MISA.RouteHeads(q, k, w, key_start, key_end, mask, active_heads=active_heads,
                             block_size=block_size, router=router, causal=int(causal))
 
 
 def _custom_routed_topk(q, k, w, heads, k_top, scale=1.0, causal=True, key_start=None,
-                        key_end=None, mask=None, chunk=0):
+                        key_end=None, mask=None, chunk=0, q_scale=None, k_scale=None):
+    _refuse_quantized("RoutedTopK", q, k, q_scale, k_scale)
     return _MISA.RoutedTopK(q, k, w, heads, key_start, key_end, mask, k_top=k_top,
                             scale=float(scale), causal=int(causal))
 
 
 def _custom_rerank_topk(q, k, w, candidates, k_top, scale=1.0, causal=True, key_start=None,
-                        key_end=None, mask=None, chunk=0):
+                        key_end=None, mask=None, chunk=0, q_scale=None, k_scale=None):
+    _refuse_quantized("RerankTopK", q, k, q_scale, k_scale)
     return _MISA.RerankTopK(q, k, w, candidates, key_start, key_end, mask, k_top=k_top,
                             scale=float(scale), causal=int(causal))
 
 
 def _custom_hisa_candidates(q, k, w, block_size=128, num_blocks=64, causal=True, key_start=None,
-                            key_end=None, mask=None, chunk=0):
+                            key_end=None, mask=None, chunk=0, q_scale=None, k_scale=None):
+    _refuse_quantized("HisaCandidates", q, k, q_scale, k_scale)
     return _MISA.HisaCandidates(q, k, w, key_start, key_end, mask, block_size=block_size,
                                 num_blocks=num_blocks, causal=int(causal))
 
