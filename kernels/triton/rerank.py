@@ -11,7 +11,7 @@ from .candidate_topk import MAX_ROW, candidate_topk
 from .common import next_pow2
 from .query_scores import query_scores
 from .row_topk import topk_rows
-from .select import CHUNK_BUDGET_BYTES, visible_bounds
+from .select import CHUNK_BUDGET_BYTES, visible_end
 
 
 def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor,
@@ -36,10 +36,10 @@ def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: t
         cand = candidates[:, row0:row0 + rows]
         query_scores(q, k, w, scores, rows=rows, row0=row0, causal=causal, key_start=key_start,
                      key_end=key_end, scale=scale, candidates=cand, k_scale=k_scale)
-        _, hi = visible_bounds(batch, queries, T, row0, rows, causal, key_start, key_end, device)
+        tail_base = visible_end(batch, queries, T, row0, rows, causal, key_end, device)
         out_v, out_i = values[:, row0:row0 + rows], indices[:, row0:row0 + rows]
         if in_registers:
-            candidate_topk(scores, K, T, out_v, out_i, ids=cand, tail_base=hi.reshape(-1))
+            candidate_topk(scores, K, T, out_v, out_i, ids=cand, tail_base=tail_base)
             continue
         taken = min(K, width)
         slot_v = torch.empty(batch, rows, taken, dtype=torch.float32, device=device)

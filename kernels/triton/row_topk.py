@@ -5,7 +5,8 @@ torch.topk(scores, k) on wide rows (decode rows, benchmarks):
      and ~1.4 k scores above it (with a margin of about 4 standard deviations);
   2. compact_rows: one streaming pass over each row keeps the scores >= lo (value + key id);
   3. candidate_topk: exact top-k of each short candidate list in registers.
-Rows that miss the bounds (flagged by step 3; rare, e.g. huge ties) are redone with torch.topk.
+Rows that miss the bounds (flagged by step 3; rare, e.g. huge ties) are redone exactly by
+flagged_topk, on the device: no host sync, so calls queue back to back.
 Rows short enough to sit in registers skip steps 1-2. The full matrix is read twice at most
 (the sample reads 1/16 of it); nothing of size [rows, T] is written."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .candidate_topk import MAX_ROW, candidate_topk
 from .common import next_pow2
 from .compact_rows import compact_rows
+from .flagged_topk import flagged_topk
 from .sample_threshold import MAX_SAMPLE, sample_rank, sample_threshold
 
 MIN_KEY_STRIDE = 16
@@ -74,16 +76,11 @@ def topk_rows(scores: torch.Tensor, k_top: int, out_values: torch.Tensor,
     cand_idx = torch.empty(flat, plan.capacity, dtype=torch.int32, device=scores.device)
     count = torch.empty(flat, dtype=torch.int32, device=scores.device)
     compact_rows(scores, lo, cand_val, cand_idx, count)
-    flags = torch.zeros(flat, dtype=torch.int8, device=scores.device)
+    flags = torch.empty(flat, dtype=torch.int8, device=scores.device)
     candidate_topk(cand_val.view(batch, rows, -1), k_top, n_keys, out_values, out_indices,
                    ids=cand_idx.view(batch, rows, -1), count=count, lo=lo,
                    tail_base=tail_base, flags=flags)
-    bad = flags.view(batch, rows).nonzero()
-    if bad.numel():
-        redo = _hide_nan(scores[bad[:, 0], bad[:, 1]])
-        values, indices = redo.topk(k_top, dim=-1, sorted=False)
-        out_values[bad[:, 0], bad[:, 1]] = values
-        out_indices[bad[:, 0], bad[:, 1]] = indices
+    flagged_topk(scores, flags, k_top, out_values, out_indices)
 
 
 def _hide_nan(scores: torch.Tensor) -> torch.Tensor:

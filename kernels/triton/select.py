@@ -52,6 +52,22 @@ def visible_bounds(batch: int, queries: int, T: int, row0: int, rows: int, causa
     return lo.clamp(0, T), hi.clamp(0, T)
 
 
+def visible_end(batch: int, queries: int, T: int, row0: int, rows: int, causal: bool,
+                key_end: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 [B * rows]: the end of each query's visible key range, clamped to [0, T] (the base
+    of the hidden tail ids, see candidate_topk), in as few launches as the layout allows (decode
+    calls are short enough for each small launch to show)."""
+    first = T - queries + row0 + 1
+    if key_end is not None:
+        hi = key_end[:, row0:row0 + rows].long().clamp(0, T)
+        if causal:
+            hi = torch.minimum(hi, torch.arange(first, first + rows, device=device))
+        return hi.reshape(-1)
+    if causal:
+        return torch.arange(first, first + rows, device=device).repeat(batch)
+    return torch.full((batch * rows,), T, dtype=torch.int64, device=device)
+
+
 def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int:
     if chunk > 0:
         return min(chunk, queries)
@@ -88,8 +104,8 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
     if queries < FEW_QUERIES:
         scores = torch.empty(batch, queries, T, dtype=torch.float32, device=device)
         query_scores(q, k, w, scores, rows=queries, row0=0, **vis)
-        _, hi = visible_bounds(batch, queries, T, 0, queries, causal, key_start, key_end, device)
-        topk_rows(scores, K, values, indices, tail_base=hi.reshape(-1))
+        tail_base = visible_end(batch, queries, T, 0, queries, causal, key_end, device)
+        topk_rows(scores, K, values, indices, tail_base=tail_base)
         return values, indices
 
     widest = plan_selection(K, T)
@@ -106,7 +122,7 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         # Keys past the chunk's last visible key (causal) are hidden from all of its queries.
         n_keys = min(T, max(1, T - queries + row0 + rows)) if causal else T
         plan = plan_selection(K, n_keys)
-        _, hi = visible_bounds(batch, queries, T, row0, rows, causal, key_start, key_end, device)
+        tail_base = visible_end(batch, queries, T, row0, rows, causal, key_end, device)
         out_v = values[:, row0:row0 + rows]
         out_i = indices[:, row0:row0 + rows]
         flat = batch * rows
@@ -120,7 +136,7 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         if plan.direct:
             scores = torch.empty(batch, rows, n_keys, dtype=torch.float32, device=device)
             index_scores(q, k, w, rows=rows, row0=row0, n_cols=n_keys, out=scores, **vis)
-            candidate_topk(scores, K, T, out_v, out_i, tail_base=hi.reshape(-1))
+            candidate_topk(scores, K, T, out_v, out_i, tail_base=tail_base)
             continue
         sample = torch.empty(batch, rows, plan.n_sample, dtype=torch.float32, device=device)
         index_scores(q, k, w, rows=rows, row0=row0, n_cols=plan.n_sample,
@@ -133,10 +149,10 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         count = torch.zeros(flat, dtype=torch.int32, device=device)
         index_scores(q, k, w, rows=rows, row0=row0, n_cols=n_keys,
                      emit=(lo, cand_val, cand_idx, count), **vis)
-        flags = torch.zeros(flat, dtype=torch.int8, device=device)
+        flags = torch.empty(flat, dtype=torch.int8, device=device)
         candidate_topk(cand_val.view(batch, rows, -1), K, T, out_v, out_i,
                        ids=cand_idx.view(batch, rows, -1), count=count, lo=lo,
-                       tail_base=hi.reshape(-1), flags=flags)
+                       tail_base=tail_base, flags=flags)
         bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
     if bad.any():
         _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale,

@@ -187,6 +187,27 @@ if os.environ.get("TRITON_INTERPRET") == "1":
                           cand_idx_ptr, CAP, PER_ELEMENT)
 
 
+def test_rows_whose_threshold_misses_are_redone_exactly_on_the_device():
+    # Equal or heavily tied rows put every score above the sampled threshold: the candidate
+    # lists overflow, the rows are flagged and flagged_topk selects them from the matrix.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 3, 900, generator=gen)
+    # Row 1: 800 equal scores, then the 100 that matter (dropped by an overflowing list).
+    x[0, 1, :800] = 0.5
+    x[0, 1, 800:] = torch.arange(1.0, 101.0)
+    x[0, 2] = (x[0, 2] * 2).round().clamp(-1, 1)
+    x[0, 2, 7] = float("nan")
+    plan = plan_selection(24, 900)
+    assert not plan.direct and 900 > plan.capacity
+    values = torch.empty(1, 3, 24)
+    indices = torch.empty(1, 3, 24, dtype=torch.int64)
+    topk_rows(x, 24, values, indices)
+    expect = x.masked_fill(x.isnan(), NEG_INF).topk(24, dim=-1).values
+    assert torch.equal(values.sort(-1).values, expect.sort(-1).values)
+    assert torch.equal(x.gather(-1, indices), values)
+    assert all(row.unique().numel() == 24 for row in indices.view(-1, 24))
+
+
 @pytest.mark.parametrize("per_element", [False, True])
 def test_both_slot_reservations_append_exactly_the_scores_above_threshold(per_element):
     x = torch.randn(20, 40)
