@@ -6,7 +6,8 @@ inputs, decode, the router, the re-rank, HISA's block filter, and top-k alone.
 
     python bench/check_gpu.py [--out results.json]
 
-Exits 1 if any check fails."""
+FP8 e4m3 q and k with dequantization scales (check_fp8) run the same checks on the dequantized
+values. Exits 1 if any check fails."""
 from __future__ import annotations
 
 import argparse
@@ -184,6 +185,57 @@ def check_topk_alone(name, rows, T, k_top=2048, ties=False, seed=6):
            extra_ok=exact_values and gathered and distinct)
 
 
+def fp8_inputs(batch, queries, T, seed):
+    """make_inputs quantized to FP8 e4m3 per row (q per token and head, k per token) after
+    per-row gains of 2^-4..2^4, so that the scales matter: (q8, q_scale, k8, k_scale, w)."""
+    q, k, w = make_inputs(batch, queries, T, 64, seed=seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def quantize(x):
+        gain = torch.exp2(torch.randint(-4, 5, x.shape[:-1], generator=gen, device="cuda").float())
+        x = x.float() * gain[..., None]
+        scale = (x.abs().amax(-1) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-8)
+        return (x / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+    return (*quantize(q), *quantize(k), w)
+
+
+def check_fp8(name, batch, queries, T, causal=True, ragged=False, active=8, seed=8):
+    """FP8 q, k with scales: dense, router, routed and (queries > 1) misa_hier re-rank against
+    the torch implementation on the same inputs, scored on the dequantized q, k."""
+    started = time.time()
+    q8, q_scale, k8, k_scale, w = fp8_inputs(batch, queries, T, seed)
+    q, k = q8.float() * q_scale[..., None], k8.float() * k_scale[..., None]
+    ks, ke = ragged_ranges(batch, queries, T, seed) if ragged else (None, None)
+    vis, scales = (causal, ks, ke), dict(q_scale=q_scale, k_scale=k_scale)
+    values, indices = ops.dense_topk(q8, k8, w, 2048, 0.088, *vis, **scales)
+    ref_values, _ = torch_impl.dense_topk(q8, k8, w, 2048, 0.088, *vis, None, 16, q_scale, k_scale)
+    record(name + " dense", selection_report(q, k, w, indices, values, ref_values, scale=0.088),
+           started)
+    started = time.time()
+    chosen = ops.route_heads(q8, k8, w, active, 1024, "score", *vis, **scales)
+    r = reference.router_scores(q8, k8, w, 1024, *vis, **scales)
+    best = r.topk(active, dim=-1).values.sort(-1).values
+    router_err = float(((r.gather(-1, chosen).sort(-1).values - best).abs()
+                        / best.abs().clamp_min(1e-9)).max())
+    record(name + " router", dict(router_rel_err=router_err), started, extra_ok=router_err < 1e-4)
+    started = time.time()
+    values, indices = ops.routed_topk(q8, k8, w, chosen, 2048, 1.0, *vis, **scales)
+    ref_values, _ = torch_impl.routed_topk(q8, k8, w, chosen, 2048, 1.0, *vis, None, 32, q_scale,
+                                           k_scale)
+    record(name + " routed_topk",
+           selection_report(q, k, w, indices, values, ref_values, heads=chosen), started)
+    if queries == 1:
+        return
+    started = time.time()
+    _, cand = ops.routed_topk(q8, k8, w, chosen, 8192, 1.0, *vis, **scales)
+    values, indices = ops.rerank_topk(q8, k8, w, cand, 2048, 1.0, *vis, **scales)
+    ref_values, _ = torch_impl.rerank_topk(q8, k8, w, cand, 2048, 1.0, *vis, None, 0, q_scale,
+                                           k_scale)
+    record(name + " misa_hier rerank", selection_report(q, k, w, indices, values, ref_values),
+           started)
+
+
 def check_misa():
     state = check_routed("misa 1024x65536", 1, 1024, 65536)
     check_rerank("misa_hier rerank 1024x65536", *state)
@@ -210,6 +262,11 @@ def main():
         ("decode routed", lambda: check_decode("decode routed B=8 T=70001", 8, 70001, active=8)),
         ("hisa", lambda: check_hisa("hisa 512x65536", 1, 512, 65536)),
         ("misa", lambda: check_misa()),
+        ("fp8", lambda: check_fp8("fp8 1024x65536 causal", 1, 1024, 65536)),
+        ("fp8 ragged", lambda: check_fp8("fp8 ragged B=2 256x70001", 2, 256, 70001, causal=False,
+                                         ragged=True)),
+        ("fp8 decode", lambda: check_fp8("fp8 decode B=8 T=70001", 8, 1, 70001, causal=False,
+                                         ragged=True)),
     ]
     for key, case in named:
         if args.only and args.only not in key:
