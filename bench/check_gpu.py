@@ -2,7 +2,8 @@
 chunked fp32 torch implementations (the same math without the kernels), comparing selections by
 the exact scores of the keys they chose, never by index order. Cases: 1024 x 64K causal,
 ragged batches, T not a multiple of any block, T < k_top, full causal with -inf tails, NaN
-inputs, decode, the router, the re-rank, HISA's block filter, and top-k alone.
+inputs, decode, the router, the re-rank, HISA's block filter, top-k alone, and decode over a
+paged key cache.
 
     python bench/check_gpu.py [--out results.json]
 
@@ -19,6 +20,7 @@ import torch
 
 import misa_compile  # noqa: F401  (registers the ops and their CUDA kernels)
 from misa_compile.kernels import reference, torch_impl
+from misa_compile.kernels.triton.router import route_heads as paged_route_heads
 from misa_compile.kernels.triton.row_topk import topk_rows
 from workloads import make_inputs, true_scores
 
@@ -185,6 +187,38 @@ def check_topk_alone(name, rows, T, k_top=2048, ties=False, seed=6):
            extra_ok=exact_values and gathered and distinct)
 
 
+def check_paged(name, batch, T, active=0, page=64, seed=7):
+    """paged_decode_topk over a shuffled page table holding the same keys as a contiguous k:
+    checked against the torch implementation on k (MISA: under the heads of the op's paged
+    router, whose choice is checked by tests/gpu/test_paged_gpu.py)."""
+    started = time.time()
+    q, k, w = make_inputs(batch, 1, T, 64, seed=seed)
+    pages = T // page
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (batch,), generator=gen, device="cuda")
+    lengths[0] = T
+    if batch > 1:
+        lengths[1] = 100  # shorter than k_top: -inf tail
+    table = torch.randperm(batch * pages, generator=gen, device="cuda").view(batch, pages)
+    k_cache = torch.empty(batch * pages, page, k.shape[2], dtype=k.dtype, device="cuda")
+    k_cache[table] = k.view(batch, pages, page, -1)
+    table = table.int()
+    values, indices = ops.paged_decode_topk(q[:, 0], k_cache, w[:, 0], table, lengths, 2048,
+                                            active, 1024)
+    key_end = lengths[:, None]
+    ks = torch.zeros_like(key_end)
+    heads = None
+    if active:
+        heads = paged_route_heads(q, k_cache, w, active, 1024, False, ks, key_end,
+                                  block_table=table, seq_lens=lengths)
+        ref_values, _ = torch_impl.routed_topk(q, k, w, heads, 2048, 1.0, False, ks, key_end,
+                                               None, 0)
+    else:
+        ref_values, _ = torch_impl.dense_topk(q, k, w, 2048, 1.0, False, ks, key_end, None, 0)
+    record(name, selection_report(q, k, w, indices[:, None], values[:, None], ref_values,
+                                  heads=heads), started)
+
+
 def fp8_inputs(batch, queries, T, seed):
     """make_inputs quantized to FP8 e4m3 per row (q per token and head, k per token) after
     per-row gains of 2^-4..2^4, so that the scales matter: (q8, q_scale, k8, k_scale, w)."""
@@ -267,6 +301,9 @@ def main():
                                          ragged=True)),
         ("fp8 decode", lambda: check_fp8("fp8 decode B=8 T=70001", 8, 1, 70001, causal=False,
                                          ragged=True)),
+        ("paged", lambda: check_paged("paged decode dense B=64 T=65536", 64, 65536)),
+        ("paged routed", lambda: check_paged("paged decode routed B=64 T=65536", 64, 65536,
+                                             active=8)),
     ]
     for key, case in named:
         if args.only and args.only not in key:

@@ -185,3 +185,57 @@ def _force_first_and_last_blocks(beta, blocks_visible):
     forced = torch.where(blocks_visible.any(-1, keepdim=True), float("inf"), NEG_INF)
     forced = forced.to(beta.dtype)
     return beta.scatter(-1, first, forced).scatter(-1, last, forced)
+
+
+def paged_decode_topk(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
+                      scale, q_scale=None, k_scale=None):
+    """One query per sequence against a paged key cache: the sequence's pages gathered into
+    contiguous keys, then dense_topk (active_heads = 0) or route_heads + routed_topk, with keys
+    [0, seq_len) visible. Returns (values, indices) [B, min(k_top, pages * page)]."""
+    k, k_scale = gather_pages(k_cache, block_table, seq_lens, k_scale)
+    key_end = seq_lens.long()[:, None]
+    visibility = (False, torch.zeros_like(key_end), key_end, None, 0)
+    q, w = q[:, None], w[:, None]
+    q_scale = None if q_scale is None else q_scale[:, None]
+    if active_heads == 0:
+        values, indices = dense_topk(q, k, w, k_top, scale, *visibility, q_scale, k_scale)
+    else:
+        heads = _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale,
+                                     k_scale)
+        values, indices = routed_topk(q, k, w, heads, k_top, scale, *visibility, q_scale,
+                                      k_scale)
+    return values[:, 0], indices[:, 0]
+
+
+def gather_pages(k_cache, block_table, seq_lens, k_scale=None):
+    """k [B, pages * page, D] (and k_scale [B, pages * page]) from a paged cache [P, page, D]
+    (k_scale [P, page]). Table entries past a sequence's last page may hold anything (-1
+    padding): page 0 stands in for them, and their keys are past seq_len, hence hidden."""
+    batch, pages = block_table.shape
+    page = k_cache.shape[1]
+    used = torch.arange(pages, device=block_table.device) * page < seq_lens[:, None]
+    table = torch.where(used, block_table.long(), 0)
+    # Indexing has no FP8 kernels: one-byte dtypes are moved as raw bytes.
+    source = k_cache.view(torch.uint8) if k_cache.element_size() == 1 else k_cache
+    k = source[table].view(k_cache.dtype).reshape(batch, pages * page, k_cache.shape[2])
+    if k_scale is not None:
+        k_scale = k_scale[table].reshape(batch, pages * page)
+    return k, k_scale
+
+
+def _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale, k_scale):
+    """heads [B, 1, h]: route_heads on each sequence's own keys [0, seq_len), so that its last
+    partial block averages only written keys (route_heads on all pages * page gathered keys
+    would pool the unwritten slots past seq_len into it). A sequence without keys selects
+    nothing whatever its heads: it gets heads 0..h-1."""
+    batch = q.shape[0]
+    heads = torch.arange(active_heads, device=q.device).expand(batch, 1, active_heads).clone()
+    for b, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        one = slice(b, b + 1)
+        heads[one] = route_heads(q[one], k[one, :length], w[one], active_heads, block_size,
+                                 "score", False, None, None, None, 0,
+                                 None if q_scale is None else q_scale[one],
+                                 None if k_scale is None else k_scale[one, :length])
+    return heads

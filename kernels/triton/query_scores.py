@@ -3,7 +3,8 @@
     I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[key(n)])       (-inf if hidden)
 
 times k_scale[key(n)] when a per-key dequantization scale is given (FP8 keys; a positive factor
-per key commutes with the ReLU and the head sum).
+per key commutes with the ReLU and the head sum). With a block table (PAGED), k is a paged cache
+[P, PAGE, D] (k_scale [P, PAGE]) and key n of sequence b is read from its page (paging.py).
 
 The shape for few queries per sequence: decode (one query per sequence, a batch of sequences of
 different lengths through ragged ranges) and re-ranking (each query's own candidate keys,
@@ -19,11 +20,12 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, dot_block_d, dot_config, next_pow2, visible_range
+from .paging import key_location
 
 
 @triton.jit
 def query_scores_kernel(
-    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr,
+    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr,
     rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
@@ -32,10 +34,11 @@ def query_scores_kernel(
     stride_cb, stride_cs, stride_cn,
     stride_rb, stride_rs,
     stride_ob, stride_or,
-    stride_sb, stride_st,
+    stride_sb, stride_st, stride_tb,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, GATHER: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -86,14 +89,15 @@ def query_scores_kernel(
         else:
             keys = cols.to(tl.int64)
         visible = col_ok & (keys >= lo) & (keys < hi) & (keys >= 0) & (keys < T)
-        k_tile = tl.load(k_ptr + b.to(tl.int64) * stride_kb + keys[:, None] * stride_kt
+        outer, inner = key_location(b, keys, visible, table_ptr, stride_tb, PAGED, PAGE)
+        k_tile = tl.load(k_ptr + (outer * stride_kb + inner * stride_kt)[:, None]
                          + d[None, :] * stride_kd, mask=visible[:, None] & d_ok[None, :],
                          other=0.0).to(DOT_DTYPE)
         logits = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
         scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL),
                         axis=0) * scale
         if HAS_KSCALE:
-            scores = scores * tl.load(kscale_ptr + b.to(tl.int64) * stride_sb + keys * stride_st,
+            scores = scores * tl.load(kscale_ptr + outer * stride_sb + inner * stride_st,
                                       mask=visible, other=1.0)
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         tl.store(out_row + cols, scores, mask=col_ok)
@@ -104,12 +108,16 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
                  key_end: Optional[torch.Tensor], scale: float,
                  heads: Optional[torch.Tensor] = None,
                  candidates: Optional[torch.Tensor] = None,
-                 k_scale: Optional[torch.Tensor] = None) -> None:
+                 k_scale: Optional[torch.Tensor] = None,
+                 block_table: Optional[torch.Tensor] = None) -> None:
     """out [B, rows, n_cols] fp32 (unit column stride) <- scores of queries [row0, row0+rows)
     against keys 0..n_cols-1, or against candidates [B, S, n_cols] (key ids; ids outside [0, T)
-    score -inf) when given; each key's score times k_scale [B, T] fp32 when given."""
+    score -inf) when given; each key's score times k_scale [B, T] fp32 when given. With
+    block_table [B, pages] (int32/int64, unit column stride), k is a paged cache [P, page, D],
+    k_scale is [P, page], T = pages * page, and the table is read only for visible keys."""
     batch, queries, num_heads, dim = q.shape
-    T = k.shape[1]
+    page = k.shape[1] if block_table is not None else 1
+    T = k.shape[1] if block_table is None else block_table.shape[1] * page
     n_cols = out.shape[2]
     assert out.stride(-1) == 1
     head_slots = num_heads if heads is None else heads.shape[-1]
@@ -122,6 +130,7 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     block_h = max(16, next_pow2(head_slots))
     block_d = dot_block_d(dim, dot_dtype)
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
+    tstr = block_table.stride(0) if block_table is not None else 0
     if INTERPRET:
         block_n, warps, stages = 16, 1, 1
     else:
@@ -141,9 +150,11 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
         candidates if candidates is not None else dummy,
         key_start if ragged else dummy, key_end if ragged else dummy, out,
         k_scale if k_scale is not None else dummy,
+        block_table if block_table is not None else dummy,
         rows, row0, queries, T, n_cols, head_slots, float(scale), cols_per_program,
         *q.stride(), *k.stride(), *w.stride(), *hstr, *cstr, *rstr,
-        out.stride(0), out.stride(1), *sstr, dim,
+        out.stride(0), out.stride(1), *sstr, tstr, dim,
         CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, GATHER=candidates is not None,
-        HAS_KSCALE=k_scale is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
+        HAS_KSCALE=k_scale is not None, PAGED=block_table is not None, PAGE=page,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=warps, num_stages=stages)

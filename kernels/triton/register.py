@@ -11,6 +11,7 @@ from __future__ import annotations
 from .. import torch_impl
 from ..ops import register_implementation
 from .hisa import hisa_candidates as _hisa_candidates
+from .paged_decode import paged_decode_topk as _paged_decode_topk
 from .rerank import rerank_topk as _rerank_topk
 from .router import route_heads as _route_heads
 from .select import scored_topk
@@ -69,3 +70,10 @@ def _hisa_candidates_cuda(q, k, w, block_size, num_blocks, causal, key_start, ke
                                           key_end, mask, chunk, q_scale, k_scale)
     return _hisa_candidates(q, k, _fold_query_scale(w, q_scale), block_size, num_blocks, causal,
                             key_start, key_end, chunk, k_scale=k_scale)
+
+
+@register_implementation("paged_decode_topk", "cuda")
+def _paged_decode_topk_cuda(q, k_cache, w, block_table, seq_lens, k_top, active_heads,
+                            block_size, scale, q_scale=None, k_scale=None):
+    return _paged_decode_topk(q, k_cache, _fold_query_scale(w, q_scale), block_table, seq_lens,
+                              k_top, active_heads, block_size, scale, k_scale=k_scale)

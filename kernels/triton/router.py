@@ -1,7 +1,8 @@
 """The MISA router on the GPU: pooled block keys, per-head router scores, top-h heads.
 
     kbar[b]  = mean of k over key block b (the last, partial block averages its valid keys);
-               of the real keys k * k_scale when FP8 keys come with a per-key scale
+               of the real keys k * k_scale when FP8 keys come with a per-key scale. From a
+               paged cache, per sequence over its own keys [0, seq_len) (paging.py)
     r[t, j]  = |w[t, j]| * sum over blocks b visible to t of ReLU(q[t, j] . kbar[b])
     heads[t] = the h heads with the largest r[t, :]  (NaN ranks lowest; order unspecified)
 
@@ -18,43 +19,61 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, next_pow2, visible_range
+from .paging import key_location
 
 
 @triton.jit
-def pooled_keys_kernel(k_ptr, kscale_ptr, out_ptr, T, block, stride_kb, stride_kt, stride_kd,
-                       stride_sb, stride_st, stride_ob, stride_on, D, HAS_KSCALE: tl.constexpr,
+def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, out_ptr, T, block, stride_kb,
+                       stride_kt, stride_kd, stride_sb, stride_st, stride_tb, stride_ob, stride_on,
+                       D, HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
     start = blk * block
-    end = tl.minimum(start + block, T)
+    n_keys = T
+    if PAGED:
+        # Each sequence has its own length: blocks past it pool nothing (they are not visible).
+        n_keys = tl.load(len_ptr + b).to(tl.int32)
+    end = tl.minimum(start + block, n_keys)
     d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_T):
         pos = s0 + tl.arange(0, BLOCK_T)
-        x = tl.load(k_ptr + b.to(tl.int64) * stride_kb + pos.to(tl.int64)[:, None] * stride_kt
+        outer, inner = key_location(b, pos.to(tl.int64), pos < end, table_ptr, stride_tb, PAGED,
+                                    PAGE)
+        x = tl.load(k_ptr + (outer * stride_kb + inner * stride_kt)[:, None]
                     + d[None, :] * stride_kd, mask=(pos < end)[:, None] & (d < D)[None, :],
                     other=0.0).to(tl.float32)
         if HAS_KSCALE:
-            x = x * tl.load(kscale_ptr + b.to(tl.int64) * stride_sb + pos.to(tl.int64) * stride_st,
+            x = x * tl.load(kscale_ptr + outer * stride_sb + inner * stride_st,
                             mask=pos < end, other=0.0)[:, None]
         acc += tl.sum(x, axis=0)
-    mean = acc / (end - start).to(tl.float32)
+    mean = acc / tl.maximum(end - start, 1).to(tl.float32)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + blk.to(tl.int64) * stride_on + d, mean,
              mask=d < D)
 
 
-def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-    """k [B, T, D] (times k_scale [B, T] fp32 per key when given) -> fp32 [B, ceil(T/block), D]."""
-    batch, T, dim = k.shape
+def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None,
+                block_table: Optional[torch.Tensor] = None,
+                seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """k [B, T, D] (times k_scale [B, T] fp32 per key when given) -> fp32 [B, ceil(T/block), D].
+    With block_table [B, pages] (unit column stride) and seq_lens [B]: k is a paged cache
+    [P, page, D] (k_scale [P, page]), T = pages * page, and each sequence pools its keys
+    [0, seq_len) only (its last partial block averages its valid keys; blocks past it are
+    zero)."""
+    paged = block_table is not None
+    page = k.shape[1] if paged else 1
+    batch, T = (block_table.shape[0], block_table.shape[1] * page) if paged else k.shape[:2]
+    dim = k.shape[2]
     n_blocks = triton.cdiv(T, block)
     out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
     block_t = 16 if INTERPRET else 64
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     pooled_keys_kernel[(n_blocks, batch)](
-        k, k_scale if k_scale is not None else k, out, T, block, *k.stride(), *sstr,
-        out.stride(0), out.stride(1), dim, HAS_KSCALE=k_scale is not None, BLOCK_T=block_t,
+        k, k_scale if k_scale is not None else k, block_table if paged else k,
+        seq_lens.contiguous() if paged else k, out, T, block, *k.stride(), *sstr,
+        block_table.stride(0) if paged else 0, out.stride(0), out.stride(1), dim,
+        HAS_KSCALE=k_scale is not None, PAGED=paged, PAGE=page, BLOCK_T=block_t,
         BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
     return out
 
@@ -117,14 +136,16 @@ def route_heads_kernel(
 
 def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads: int,
                 block_size: int, causal: bool, key_start: Optional[torch.Tensor],
-                key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None,
+                block_table: Optional[torch.Tensor] = None,
+                seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 [B, S, active_heads]: each query's routed heads (router = "score"). k_scale [B, T]
     dequantizes FP8 keys; a per-query scale is the caller's to fold into w (the router uses
-    |w| and sums ReLU terms, both homogeneous in a positive factor)."""
+    |w| and sums ReLU terms, both homogeneous in a positive factor). With block_table and
+    seq_lens, k is a paged cache (see pooled_keys) and key_end [B, S] ends at seq_lens."""
     batch, queries, num_heads, dim = q.shape
-    T = k.shape[1]
-    kbar = pooled_keys(k, block_size, k_scale)
+    kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
+    T = k.shape[1] if block_table is None else block_table.shape[1] * k.shape[1]
     n_blocks = kbar.shape[1]
     out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
     ragged = key_start is not None

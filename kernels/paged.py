@@ -1,0 +1,120 @@
+"""misa::paged_decode_topk: decode (one query per sequence) over a paged key cache, the layout
+of vLLM and SGLang, for the dense indexer and MISA.
+
+  q [B,H,D], w [B,H]        the step's query of each sequence
+  k_cache [P, page, D]      every sequence's index keys, in pages of `page` tokens
+  block_table [B, pages]    int32/int64: position n of sequence b is k_cache[block_table[b, n //
+                            page], n % page]; entries past the sequence's pages are never read
+  seq_lens [B]              int32/int64 in [0, pages * page]: sequence b sees keys [0, seq_len)
+  active_heads              0: dense (all H heads); h in [1, H]: MISA with h routed heads
+  block_size                router block, a multiple of page
+  q_scale [B,H], k_scale [P, page]  optional fp32 dequantization scales (as in ops.py)
+
+It returns what the contiguous ops return for the gathered keys k_cache[block_table] with
+key_start = 0, key_end = seq_len (dense_topk, or route_heads + routed_topk): (values fp32,
+indices int64) [B, min(k_top, pages * page)], indices being positions in the sequence. The one
+refinement: the router pools each sequence's keys [0, seq_len) only, so its last partial block
+averages written keys, never the unwritten slots of its last page. A sequence with seq_len 0
+gets -inf everywhere."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import _implementation
+from .validation import (FLOAT_DTYPES, INDEX_DTYPES, QUANTIZED_DTYPES, _check_dequant_scale,
+                         _check_rank, check_positive_int, check_same_device, check_scale)
+
+OP = "misa.paged_decode_topk"
+
+
+@torch.library.custom_op("misa::paged_decode_topk", mutates_args=())
+def paged_decode_topk(q: Tensor, k_cache: Tensor, w: Tensor, block_table: Tensor,
+                      seq_lens: Tensor, k_top: int, active_heads: int = 0,
+                      block_size: int = 1024, scale: float = 1.0,
+                      q_scale: Optional[Tensor] = None,
+                      k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Top-k keys of each sequence's decode query over its pages; see the module docstring."""
+    check_paged_inputs(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
+                       scale, q_scale, k_scale)
+    return _implementation("paged_decode_topk", q.device)(q, k_cache, w, block_table, seq_lens,
+        k_top, active_heads, block_size, scale, q_scale, k_scale)
+
+
+@paged_decode_topk.register_fake
+def _(q, k_cache, w, block_table, seq_lens, k_top, active_heads=0, block_size=1024, scale=1.0,
+      q_scale=None, k_scale=None):
+    check_same_device(OP, q, k_cache=k_cache, w=w, block_table=block_table, seq_lens=seq_lens,
+                      q_scale=q_scale, k_scale=k_scale)
+    top = torch.sym_min(k_top, block_table.shape[1] * k_cache.shape[1])
+    shape = (q.shape[0], top)
+    return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.int64)
+
+
+def check_paged_inputs(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
+                       scale, q_scale, k_scale) -> None:
+    """Layouts, dtypes, devices and ranges; raises naming the argument, its value and what is
+    allowed."""
+    _check_rank(OP, "q", q, 3, "[B, H, D]")
+    _check_rank(OP, "k_cache", k_cache, 3, "[P, page, D]")
+    _check_rank(OP, "w", w, 2, "[B, H]")
+    _check_rank(OP, "block_table", block_table, 2, "[B, pages]")
+    _check_rank(OP, "seq_lens", seq_lens, 1, "[B]")
+    batch, heads, dim = q.shape
+    num_pages, page, _ = k_cache.shape
+    pages = block_table.shape[1]
+    sizes = (("B", batch), ("H", heads), ("D", dim), ("P", num_pages), ("page", page),
+             ("pages", pages))
+    for name, size in sizes:
+        if size == 0:
+            raise ValueError(f"{OP}: empty input, {name}=0 (q {tuple(q.shape)}, k_cache "
+                             f"{tuple(k_cache.shape)}, block_table {tuple(block_table.shape)}); "
+                             "every size must be >= 1")
+    if k_cache.shape[2] != dim:
+        raise ValueError(f"{OP}: k_cache has shape {tuple(k_cache.shape)} but q "
+                         f"{tuple(q.shape)} needs k_cache of shape [P, page, D={dim}]")
+    for name, t, expected in (("w", w, (batch, heads)), ("block_table", block_table,
+                              (batch, pages)), ("seq_lens", seq_lens, (batch,))):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)}, expected "
+                             f"{list(expected)} to match q {tuple(q.shape)}")
+    for name, t, allowed in (("q", q, FLOAT_DTYPES + QUANTIZED_DTYPES),
+                             ("k_cache", k_cache, FLOAT_DTYPES + QUANTIZED_DTYPES),
+                             ("w", w, FLOAT_DTYPES), ("block_table", block_table, INDEX_DTYPES),
+                             ("seq_lens", seq_lens, INDEX_DTYPES)):
+        if t.dtype not in allowed:
+            raise TypeError(f"{OP}: {name} has dtype {t.dtype}; allowed dtypes are "
+                            f"{', '.join(str(d) for d in allowed)}")
+    check_same_device(OP, q, k_cache=k_cache, w=w, block_table=block_table, seq_lens=seq_lens,
+                      q_scale=q_scale, k_scale=k_scale)
+    _check_dequant_scale(OP, "q_scale", q_scale, (batch, heads), "[B, H]")
+    _check_dequant_scale(OP, "k_scale", k_scale, (num_pages, page), "[P, page]")
+    check_positive_int(OP, "k_top", k_top)
+    check_scale(OP, scale)
+    if not 0 <= active_heads <= heads:
+        raise ValueError(f"{OP}: active_heads={active_heads}; allowed range is [0, {heads}] "
+                         "(0 = dense, all heads)")
+    if block_size < 1 or block_size % page:
+        raise ValueError(f"{OP}: block_size={block_size}; must be a positive multiple of the "
+                         f"page size {page}")
+    _check_seq_lens_and_pages(seq_lens, block_table, num_pages, page)
+
+
+def _check_seq_lens_and_pages(seq_lens, block_table, num_pages, page) -> None:
+    capacity = block_table.shape[1] * page
+    bad = (seq_lens < 0) | (seq_lens > capacity)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{OP}: seq_lens[{b}] = {int(seq_lens[b])}; allowed range is "
+                         f"[0, pages * page] = [0, {capacity}]")
+    # Only the pages a sequence uses must name a page of the cache.
+    used = (torch.arange(block_table.shape[1], device=block_table.device) * page
+            < seq_lens[:, None])
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, n = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{OP}: block_table[{b}, {n}] = {int(block_table[b, n])} but sequence "
+                         f"{b} (seq_len {int(seq_lens[b])}) uses that page; allowed range is "
+                         f"[0, P) = [0, {num_pages})")
