@@ -1,14 +1,16 @@
 """Benchmark of the indexer variants on one CUDA card: plain torch (the Hugging Face
 formulation, chunked), torch.compile of it, our dense Triton kernel, MISA (h=8),
-MISA-hierarchical and HISA, over the shapes of PERFORMANCE.md; plus top-k alone against
+MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scales, and (decode)
+dense / MISA over a paged key cache, over the shapes of PERFORMANCE.md; plus top-k alone against
 torch.topk. Prints one table last (card named) and writes the full JSON.
 
-    python bench/bench_indexer.py [--quick] [--out bench_indexer.json]
+    python bench/bench_indexer.py [--quick] [--only LABELS] [--no-torch] [--out FILE]
 
 Columns: ms (median, CUDA events), useful TFLOP/s (the FLOPs the variant's algorithm needs on
 visible pairs, over its time), speedup vs our dense kernel, recall of the dense selection, and
-peak extra GPU memory of one call. Inputs are random bf16 (isotropic: routing recall on them is
-a floor, not the quality on real indexers)."""
+peak extra GPU memory of one call. The FP8 rows' recall is against the bf16 dense selection (it
+includes the quantization's effect). Inputs are random bf16 (isotropic: routing recall on them
+is a floor, not the quality on real indexers)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,7 @@ import misa_compile  # noqa: F401
 from misa_compile.config import MisaConfig
 from misa_compile.kernels import indexer_topk
 from misa_compile.kernels.triton.row_topk import topk_rows
-from workloads import hf_indexer_topk, make_inputs, recall, visible_pairs
+from workloads import hf_indexer_topk, make_inputs, quantize_fp8, recall, visible_pairs
 
 K_TOP, ACTIVE, ROUTER_BLOCK, N_CAND, HISA_BLOCK, HISA_M = 2048, 8, 1024, 8192, 128, 64
 SCALE = 128 ** -0.5
@@ -34,6 +36,9 @@ VARIANTS = {
                             candidates=N_CAND),
     "hisa": MisaConfig(variant="hisa", hisa_block=HISA_BLOCK, hisa_blocks=HISA_M),
 }
+FP8_VARIANTS = ("dense", "misa")
+PAGED_VARIANTS = ("dense", "misa")
+PAGE = 64
 
 
 def shapes(quick: bool):
@@ -123,6 +128,14 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
     torch.cuda.synchronize()
     calls = {name: (lambda c=config: indexer_topk(*pick(), K_TOP, c, scale=SCALE))
              for name, config in VARIANTS.items()}
+    fp8_sets = [(*quantize_fp8(q, k), w) for q, k, w in sets]
+    pick_fp8 = rotating(fp8_sets)
+    for name in FP8_VARIANTS:
+        calls[f"{name} fp8"] = lambda c=VARIANTS[name]: fp8_call(pick_fp8(), c)
+    paged_sets = [paged_inputs(*inputs) for inputs in sets] if queries == 1 else []
+    pick_paged = rotating(paged_sets)
+    for name in PAGED_VARIANTS if paged_sets else ():
+        calls[f"{name} paged"] = lambda c=VARIANTS[name]: paged_call(pick_paged(), c)
     if run_torch:
         calls = {"torch": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE), **calls}
     if run_compile:
@@ -133,11 +146,17 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
             ms = time_call(call)
             peak = peak_extra_gib(call)
             rec = None
-            if name in VARIANTS:
-                values, indices = indexer_topk(*sets[0], K_TOP, VARIANTS[name], scale=SCALE)
+            if name not in ("torch", "compile"):
+                if name.endswith(" fp8"):
+                    values, indices = fp8_call(fp8_sets[0], VARIANTS[name.removesuffix(" fp8")])
+                elif name.endswith(" paged"):
+                    values, indices = paged_call(paged_sets[0],
+                                                 VARIANTS[name.removesuffix(" paged")])
+                else:
+                    values, indices = indexer_topk(*sets[0], K_TOP, VARIANTS[name], scale=SCALE)
                 rec = recall(indices, values, dense_indices, dense_values)
                 del values, indices
-            flops = useful_flops(name, batch, queries, keys, heads)
+            flops = useful_flops(name.split(" ")[0], batch, queries, keys, heads)
             rows.append(dict(shape=label, B=batch, S=queries, T=keys, H=heads, variant=name,
                              ms=ms, tflops=flops / ms / 1e9, recall=rec, peak_gib=peak))
         except torch.OutOfMemoryError as error:
@@ -150,6 +169,31 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
         if dense_ms and "ms" in r:
             r["vs_dense"] = dense_ms / r["ms"]
     return rows
+
+
+def fp8_call(inputs, config):
+    q8, k8, q_scale, k_scale, w = inputs
+    return indexer_topk(q8, k8, w, K_TOP, config, scale=SCALE, q_scale=q_scale, k_scale=k_scale)
+
+
+def paged_inputs(q, k, w):
+    """Decode inputs over a paged cache: k's pages in shuffled order, every sequence full."""
+    batch, keys, dim = k.shape
+    pages = keys // PAGE
+    order = torch.randperm(batch * pages, device=k.device)
+    k_cache = torch.empty(batch * pages, PAGE, dim, dtype=k.dtype, device=k.device)
+    k_cache[order] = k.reshape(batch * pages, PAGE, dim)
+    block_table = order.view(batch, pages).int()
+    seq_lens = torch.full((batch,), keys, dtype=torch.int32, device=k.device)
+    return q[:, 0], k_cache, w[:, 0], block_table, seq_lens
+
+
+def paged_call(inputs, config):
+    q, k_cache, w, block_table, seq_lens = inputs
+    heads = config.active_heads if config.variant == "misa" else 0
+    values, indices = torch.ops.misa.paged_decode_topk(q, k_cache, w, block_table, seq_lens,
+                                                       K_TOP, heads, config.block_size, SCALE)
+    return values[:, None], indices[:, None]
 
 
 def bench_topk_alone():

@@ -122,6 +122,13 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     ops = torch.ops.misa
     out["decode.op dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, K, 1.0, True))
     out["decode.op routed_topk"] = ms(lambda: ops.routed_topk(q, k, w, heads, K, 1.0, True))
+    # Where the op's time goes beyond its two kernels: every launch and host sync of one call.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ops.dense_topk(q, k, w, K, 1.0, True)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     out["decode.read keys (sum)"] = ms(lambda: k.sum())
     copy = torch.empty_like(k)
     out["decode.copy keys"] = ms(lambda: copy.copy_(k))

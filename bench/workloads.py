@@ -1,6 +1,8 @@
 """Inputs, baselines and measures shared by the GPU check and the benchmark.
 
 - make_inputs: random bf16 q [B,S,H,D], k [B,T,D] and signed w [B,S,H] (never zeros).
+- quantize_fp8: DeepSeek-style FP8 e4m3 q / k with per-(token, head) query and per-token key
+  scales (amax / 448).
 - hf_indexer_topk: the indexer as the Hugging Face DeepSeek-V3.2 model writes it (fp32 matmul
   of q against the shared key, ReLU, a matmul with the per-head weights, mask, topk), run over
   query chunks so that its [chunk, H, T] fp32 logits fit in memory. torch.compile of the same
@@ -24,6 +26,16 @@ def make_inputs(batch: int, queries: int, keys: int, heads: int = 64, dim: int =
     k = torch.randn(batch, keys, dim, generator=gen, device=device).to(dtype)
     w = (torch.randn(batch, queries, heads, generator=gen, device=device) * heads ** -0.5).to(dtype)
     return q, k, w
+
+
+def quantize_fp8(q, k):
+    """(q8, k8, q_scale [B,S,H], k_scale [B,T]): q ~ q8 * q_scale, k ~ k8 * k_scale."""
+    fp8 = torch.float8_e4m3fn
+    q_scale = q.float().abs().amax(-1).clamp_min(1e-6) / torch.finfo(fp8).max
+    k_scale = k.float().abs().amax(-1).clamp_min(1e-6) / torch.finfo(fp8).max
+    q8 = (q.float() / q_scale[..., None]).to(fp8)
+    k8 = (k.float() / k_scale[..., None]).to(fp8)
+    return q8, k8, q_scale, k_scale
 
 
 def _hf_chunk(q, k, w, first_visible_end, k_top: int, scale: float):
