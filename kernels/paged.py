@@ -104,17 +104,19 @@ def check_paged_inputs(q, k_cache, w, block_table, seq_lens, k_top, active_heads
 
 def _check_seq_lens_and_pages(seq_lens, block_table, num_pages, page) -> None:
     capacity = block_table.shape[1] * page
-    bad = (seq_lens < 0) | (seq_lens > capacity)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{OP}: seq_lens[{b}] = {int(seq_lens[b])}; allowed range is "
-                         f"[0, pages * page] = [0, {capacity}]")
+    bad_len = (seq_lens < 0) | (seq_lens > capacity)
     # Only the pages a sequence uses must name a page of the cache.
     used = (torch.arange(block_table.shape[1], device=block_table.device) * page
             < seq_lens[:, None])
-    bad = used & ((block_table < 0) | (block_table >= num_pages))
-    if bool(bad.any()):
-        b, n = (int(i) for i in bad.nonzero()[0])
+    bad_page = used & ((block_table < 0) | (block_table >= num_pages))
+    # One host sync for both checks: decode calls are short enough for each sync to show.
+    any_bad_len, any_bad_page = torch.stack([bad_len.any(), bad_page.any()]).tolist()
+    if any_bad_len:
+        b = int(bad_len.nonzero()[0, 0])
+        raise ValueError(f"{OP}: seq_lens[{b}] = {int(seq_lens[b])}; allowed range is "
+                         f"[0, pages * page] = [0, {capacity}]")
+    if any_bad_page:
+        b, n = (int(i) for i in bad_page.nonzero()[0])
         raise ValueError(f"{OP}: block_table[{b}, {n}] = {int(block_table[b, n])} but sequence "
                          f"{b} (seq_len {int(seq_lens[b])}) uses that page; allowed range is "
                          f"[0, P) = [0, {num_pages})")

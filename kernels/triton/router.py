@@ -154,7 +154,8 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     if INTERPRET:
         block_m, block_nb, warps = 16, 16, 1
     else:
-        block_m, block_nb, warps = 32, 64, 4
+        # Decode (few queries per sequence) takes the smallest tile the matrix units accept.
+        block_m, block_nb, warps = (16 if queries <= 16 else 32), 64, 4
     grid = (triton.cdiv(queries, block_m), batch)
     route_heads_kernel[grid](
         q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, out,
