@@ -8,8 +8,10 @@
 
 The router costs H * ceil(T/B) dot products per query, under 1% of the dense indexer at B=1024,
 so it favours accuracy: kbar stays fp32 and the dots use 3-pass tf32 (close to fp32), which keeps
-near-tied heads in the reference's order. Head selection happens in registers: h rounds of
-"largest remaining score" over the [BLOCK_M, H] score tile."""
+near-tied heads in the reference's order. The router scores [B, S, H] are written by programs
+that each take a block of queries and a group of heads (enough groups to fill the card, which
+matters for few queries: decode, short chunks), then candidate_topk picks the top h heads of
+each row."""
 from __future__ import annotations
 
 from typing import Optional
@@ -18,7 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .candidate_topk import candidate_topk
 from .common import INTERPRET, next_pow2, visible_range
+
+# Router programs that fill the card (132 SMs on an H100/H200, two resident per SM).
+ROUTER_PROGRAMS = 264
 from .paging import key_location
 
 
@@ -79,20 +85,21 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
 
 
 @triton.jit
-def route_heads_kernel(
-    q_ptr, w_ptr, kbar_ptr, ks_ptr, ke_ptr, out_ptr,
-    rows, row0, S_total, T, n_blocks, block, H, h_active,
+def router_scores_kernel(
+    q_ptr, w_ptr, kbar_ptr, ks_ptr, ke_ptr, r_ptr,
+    rows, row0, S_total, T, n_blocks, block, H, heads_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn,
     stride_rb, stride_rs,
-    stride_ob, stride_os, stride_oj,
+    stride_ob, stride_os,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    head0 = tl.program_id(1) * heads_per_program
+    b = tl.program_id(2)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < rows
     t = row0 + local
@@ -100,11 +107,10 @@ def route_heads_kernel(
                            CAUSAL, RAGGED)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    head_cols = tl.arange(0, BLOCK_H)
-    r_all = tl.full([BLOCK_M, BLOCK_H], float("-inf"), tl.float32)
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64)[:, None] * stride_qs + d[None, :] * stride_qd
     w_rows = w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws
-    for j in range(H):
+    r_rows = r_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os
+    for j in range(head0, tl.minimum(head0 + heads_per_program, H)):
         q_j = tl.load(q_rows + j * stride_qh, mask=row_ok[:, None] & d_ok[None, :],
                       other=0.0).to(tl.float32)
         r_j = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -122,16 +128,7 @@ def route_heads_kernel(
         w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0).to(tl.float32)
         r_j = tl.abs(w_j) * r_j
         r_j = tl.where(r_j == r_j, r_j, float("-inf"))
-        r_all = tl.where(head_cols[None, :] == j, r_j[:, None], r_all)
-
-    taken = tl.broadcast_to(head_cols[None, :] >= H, [BLOCK_M, BLOCK_H])
-    out_rows = out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os
-    for a in range(h_active):
-        best = tl.max(tl.where(taken, float("-inf"), r_all), axis=1)
-        pick = tl.min(tl.where((~taken) & (r_all == best[:, None]), head_cols[None, :], BLOCK_H),
-                      axis=1)
-        tl.store(out_rows + a * stride_oj, pick.to(tl.int64), mask=row_ok)
-        taken = taken | (head_cols[None, :] == pick[:, None])
+        tl.store(r_rows + j, r_j, mask=row_ok)
 
 
 def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads: int,
@@ -147,7 +144,7 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
     T = k.shape[1] if block_table is None else block_table.shape[1] * k.shape[1]
     n_blocks = kbar.shape[1]
-    out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
+    scores = torch.empty(batch, queries, num_heads, dtype=torch.float32, device=q.device)
     ragged = key_start is not None
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
@@ -156,12 +153,20 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     else:
         # Decode (few queries per sequence) takes the smallest tile the matrix units accept.
         block_m, block_nb, warps = (16 if queries <= 16 else 32), 64, 4
-    grid = (triton.cdiv(queries, block_m), batch)
-    route_heads_kernel[grid](
-        q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, out,
-        queries, 0, queries, T, n_blocks, block_size, num_heads, active_heads,
-        *q.stride(), *w.stride(), kbar.stride(0), kbar.stride(1), *rstr, *out.stride(), dim,
-        CAUSAL=causal, RAGGED=ragged, BLOCK_M=block_m, BLOCK_NB=block_nb,
-        BLOCK_D=max(16, next_pow2(dim)), BLOCK_H=max(16, next_pow2(num_heads)),
-        num_warps=warps)
+    row_blocks = triton.cdiv(queries, block_m)
+    # The heads are independent: split them over programs until the card is full (the loop over
+    # heads is latency-bound, so few queries would otherwise leave most SMs idle).
+    groups = max(1, min(num_heads, triton.cdiv(ROUTER_PROGRAMS, batch * row_blocks)))
+    heads_per_program = triton.cdiv(num_heads, groups)
+    grid = (row_blocks, triton.cdiv(num_heads, heads_per_program), batch)
+    router_scores_kernel[grid](
+        q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, scores,
+        queries, 0, queries, T, n_blocks, block_size, num_heads, heads_per_program,
+        *q.stride(), *w.stride(), kbar.stride(0), kbar.stride(1), *rstr, scores.stride(0),
+        scores.stride(1), dim, CAUSAL=causal, RAGGED=ragged, BLOCK_M=block_m,
+        BLOCK_NB=block_nb, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
+    # Top-h heads per query; among equal scores the lower head index wins.
+    out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
+    top_scores = torch.empty(batch, queries, active_heads, dtype=torch.float32, device=q.device)
+    candidate_topk(scores, active_heads, num_heads, top_scores, out)
     return out
