@@ -60,8 +60,6 @@ def scoring(out, S=8192, T=65536, H=64, h=8, chunk=4096):
     scores = torch.empty(1, chunk, T, device="cuda")
     n_chunks = S // chunk
     cases = {
-        "misa.index_scores routed-in-kernel": lambda r0: index_scores(
-            q, k, w, rows=chunk, row0=r0, n_cols=T, out=scores, heads=heads, **vis),
         "misa.index_scores gathered": lambda r0: index_scores(
             q_r, k, w_r, rows=chunk, row0=r0, n_cols=T, out=scores, **vis),
         "dense.index_scores": lambda r0: index_scores(

@@ -1,6 +1,6 @@
 """Index scores of ONE query against a run of keys, with the query's heads as the matrix rows:
 
-    I[t, n] = scale * sum_j w[t, h_j] * ReLU(q[t, h_j] . k[key(n)])       (-inf if hidden)
+    I[t, n] = scale * sum_j w[t, j] * ReLU(q[t, j] . k[key(n)])       (-inf if hidden)
 
 times k_scale[key(n)] when a per-key dequantization scale is given (FP8 keys; a positive factor
 per key commutes with the ReLU and the head sum). With a block table (PAGED), k is a paged cache
@@ -9,8 +9,8 @@ per key commutes with the ReLU and the head sum). With a block table (PAGED), k 
 The shape for few queries per sequence: decode (one query per sequence, a batch of sequences of
 different lengths through ragged ranges) and re-ranking (each query's own candidate keys,
 gathered by index inside the load). A [heads, D] query tile stays in registers while the program
-walks its share of the key axis. Routed heads (fewer than 16) are padded with zero weights, the
-smallest tile the matrix units take."""
+walks its share of the key axis. Routed heads arrive pre-gathered (select.py); fewer than 16
+heads are padded with zero weights, the smallest tile the matrix units take."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,18 +25,17 @@ from .paging import key_location
 
 @triton.jit
 def query_scores_kernel(
-    q_ptr, k_ptr, w_ptr, heads_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr,
+    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr,
     rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
-    stride_hb, stride_hs, stride_hj,
     stride_cb, stride_cs, stride_cn,
     stride_rb, stride_rs,
     stride_ob, stride_or,
     stride_sb, stride_st, stride_tb,
     D,
-    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, ROUTED: tl.constexpr, GATHER: tl.constexpr,
+    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, GATHER: tl.constexpr,
     HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -49,15 +48,10 @@ def query_scores_kernel(
     lo, hi = visible_range(b, t, True, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
                            CAUSAL, RAGGED)
 
-    slots = tl.arange(0, BLOCK_H)
-    slot_ok = slots < HS
+    heads = tl.arange(0, BLOCK_H)
+    slot_ok = heads < HS
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    if ROUTED:
-        heads = tl.load(heads_ptr + b.to(tl.int64) * stride_hb + t.to(tl.int64) * stride_hs
-                        + slots * stride_hj, mask=slot_ok, other=0).to(tl.int64)
-    else:
-        heads = slots.to(tl.int64)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs
     q = tl.load(q_base + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=slot_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -106,7 +100,6 @@ def query_scores_kernel(
 def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  rows: int, row0: int, causal: bool, key_start: Optional[torch.Tensor],
                  key_end: Optional[torch.Tensor], scale: float,
-                 heads: Optional[torch.Tensor] = None,
                  candidates: Optional[torch.Tensor] = None,
                  k_scale: Optional[torch.Tensor] = None,
                  block_table: Optional[torch.Tensor] = None) -> None:
@@ -120,14 +113,12 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     T = k.shape[1] if block_table is None else block_table.shape[1] * page
     n_cols = out.shape[2]
     assert out.stride(-1) == 1
-    head_slots = num_heads if heads is None else heads.shape[-1]
     dot_dtype, precision = dot_config(q, k)
     ragged = key_start is not None
     dummy = q
-    hstr = heads.stride() if heads is not None else (0, 0, 0)
     cstr = candidates.stride() if candidates is not None else (0, 0, 0)
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    block_h = max(16, next_pow2(head_slots))
+    block_h = max(16, next_pow2(num_heads))
     block_d = dot_block_d(dim, dot_dtype)
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     tstr = block_table.stride(0) if block_table is not None else 0
@@ -146,15 +137,14 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     cols_per_program = triton.cdiv(triton.cdiv(n_cols, programs_per_row), block_n) * block_n
     grid = (batch * rows, triton.cdiv(n_cols, cols_per_program))
     query_scores_kernel[grid](
-        q, k, w, heads if heads is not None else dummy,
-        candidates if candidates is not None else dummy,
+        q, k, w, candidates if candidates is not None else dummy,
         key_start if ragged else dummy, key_end if ragged else dummy, out,
         k_scale if k_scale is not None else dummy,
         block_table if block_table is not None else dummy,
-        rows, row0, queries, T, n_cols, head_slots, float(scale), cols_per_program,
-        *q.stride(), *k.stride(), *w.stride(), *hstr, *cstr, *rstr,
+        rows, row0, queries, T, n_cols, num_heads, float(scale), cols_per_program,
+        *q.stride(), *k.stride(), *w.stride(), *cstr, *rstr,
         out.stride(0), out.stride(1), *sstr, tstr, dim,
-        CAUSAL=causal, RAGGED=ragged, ROUTED=heads is not None, GATHER=candidates is not None,
+        CAUSAL=causal, RAGGED=ragged, GATHER=candidates is not None,
         HAS_KSCALE=k_scale is not None, PAGED=block_table is not None, PAGE=page,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=warps, num_stages=stages)

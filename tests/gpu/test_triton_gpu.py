@@ -53,12 +53,13 @@ def test_index_scores_full_matches_torch(causal, ragged):
     assert err < 1e-5
 
 
-def test_index_scores_routed_and_sampled_match_torch():
+def test_index_scores_of_gathered_routed_heads_sampled_match_torch():
     q, k, w = inputs(1, 64, 3000, heads=16)
     heads = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(64)])[None]
+    q_routed, w_routed = torch_impl.gather_heads(q, w, heads)
     out = torch.empty(1, 64, 3000 // 16 + 1, device="cuda")
-    index_scores(q, k, w, rows=64, row0=0, causal=True, key_start=None, key_end=None,
-                 scale=1.0, n_cols=out.shape[2], heads=heads, key_stride=16, out=out)
+    index_scores(q_routed, k, w_routed, rows=64, row0=0, causal=True, key_start=None,
+                 key_end=None, scale=1.0, n_cols=out.shape[2], key_stride=16, out=out)
     ref = reference.routed_scores(q, k, w, heads, 1.0, True).float()[..., ::16]
     assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
     finite = torch.isfinite(ref)
