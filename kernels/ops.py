@@ -121,8 +121,12 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
     check_index_tensor("misa.routed_topk", "heads", heads, shape)
     check_positive_int("misa.routed_topk", "k_top", k_top)
     check_scale("misa.routed_topk", scale)
-    if heads.numel() and (heads.min() < 0 or heads.max() >= shape.heads):
-        raise ValueError(f"misa.routed_topk: heads must lie in [0, H) = [0, {shape.heads})")
+    if heads.numel():
+        # One host sync for both bounds (min and max read separately would take two).
+        low, high = torch.stack(heads.aminmax()).tolist()
+        if low < 0 or high >= shape.heads:
+            raise ValueError(f"misa.routed_topk: heads must lie in [0, H) = [0, {shape.heads}), "
+                             f"got values in [{low}, {high}]")
     return _implementation("routed_topk", q.device)(q, k, w, heads, k_top, scale, causal,
         key_start, key_end, mask, chunk, q_scale, k_scale)
 
