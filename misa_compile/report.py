@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional
 logger = logging.getLogger("misa_compile")
 
 STATUSES = ("rewritten", "refused")
+ROUTED_VARIANTS = ("misa", "misa_hier")  # the variants whose router keeps h of the H heads
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,14 @@ class SiteRecord:
     k_top:   keys selected per query (an int, or a string for a symbolic k).
     layout:  "batch" (q [B,S,H,D]) or "flat" (q [N,H,D]); "" when unknown.
     dtype:   dtype of the dense scores, e.g. "float32".
-    mask:    "none", "bool", "additive" or "bool+additive".
+    mask:    the masks found in the graph: "none", "bool", "additive" or "bool+additive".
     variant: the MisaConfig variant the site was rewritten to ("" when refused).
+    visibility: what the rewritten site passes the ops ("" when refused): "causal" (end-aligned,
+             no mask read), "ranges" (key_start/key_end), "mask" (a mask tensor), a "+"-joined
+             combination of those (e.g. "causal+mask"), or "none" (every key visible).
+    active_heads: h, the heads each query keeps (H for the dense variants; None when refused).
+    runs:    what executes the site: "triton", "torch: <why the Triton kernels do not>" on CUDA,
+             "torch (<device>)" elsewhere; "" when refused (the graph's own ops run).
     """
 
     name: str
@@ -39,6 +46,9 @@ class SiteRecord:
     dtype: str = ""
     mask: str = ""
     variant: str = ""
+    visibility: str = ""
+    active_heads: Optional[int] = None
+    runs: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -87,14 +97,23 @@ class SiteReport:
                   f"{len(self.refused)} refused")
         if not self.sites:
             return header
-        columns = ("site", "status", "variant/reason", "heads", "k_top", "layout", "dtype", "mask")
+        columns = ("site", "status", "variant/reason", "heads", "k_top", "layout", "dtype", "mask",
+                   "visibility", "runs")
         rows = [(s.name, s.status, s.variant if s.status == "rewritten" else s.reason,
-                 _text(s.heads), _text(s.k_top), s.layout, s.dtype, s.mask) for s in self.sites]
+                 _heads_text(s), _text(s.k_top), s.layout, s.dtype, s.mask, s.visibility, s.runs)
+                for s in self.sites]
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         lines = [header, _row(columns, widths), _row(["-" * w for w in widths], widths)]
         lines += [_row(r, widths) for r in rows]
         details = [f"  {s.name}: {s.detail}" for s in self.sites if s.detail]
         return "\n".join(lines + (["details:"] + details if details else []))
+
+
+def _heads_text(record: SiteRecord) -> str:
+    """"h/H" when a router keeps h of the H heads (the misa variants), "H" otherwise."""
+    if record.variant in ROUTED_VARIANTS and record.active_heads is not None:
+        return f"{record.active_heads}/{_text(record.heads)}"
+    return _text(record.heads)
 
 
 def _text(value: Any) -> str:
@@ -107,9 +126,10 @@ def _row(cells, widths) -> str:
 
 def _log(record: SiteRecord) -> None:
     if record.status == "rewritten":
-        logger.info("misa: rewrote indexer %s (H=%s, k=%s, %s, %s, mask=%s) to %s", record.name,
-                    record.heads, record.k_top, record.layout, record.dtype, record.mask,
-                    record.variant)
+        logger.info("misa: rewrote indexer %s (H=%s, k=%s, %s, %s, mask=%s) to %s (heads %s, "
+                    "visibility %s, runs %s)", record.name, record.heads, record.k_top,
+                    record.layout, record.dtype, record.mask, record.variant,
+                    _heads_text(record), record.visibility, record.runs)
     else:
         logger.info("misa: left indexer-like site %s untouched: %s (%s)", record.name,
                     record.reason, record.detail)

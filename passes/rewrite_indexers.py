@@ -3,8 +3,10 @@
 For each IndexerSite (find_indexers.py) the rewrite
   1. rearranges the site's own q, k and weights into q [B,S,H,D], k [B,T,D], w [B,S,H] (a flat
      [N,H,D] layout gets B=1; a missing query axis gets S=1), multiplying several weight factors;
-  2. turns the masks into the op's `mask` [B,S,T] (bool, True = visible; or additive float with
-     the positive scales applied after it), with causal=False: the mask carries the visibility;
+  2. folds the visibility the graph proves (fold_visibility.py: a causal mask built from
+     positions becomes causal=True, other proven bounds key_start/key_end) and turns what is left
+     into the op's `mask` [B,S,T] (bool, True = visible, broadcast with stride 0 where it does not
+     vary along an axis; or additive float with the positive scales applied after it);
   3. emits the chain kernels/indexer.py's indexer_topk builds for the variant, with the positive
      scale factors folded into `scale` (dense_topk when T is static and below config.min_keys);
   4. puts the results back in the top-k's layout and dtypes (values cast to the score dtype,
@@ -21,11 +23,13 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ..config import MisaConfig
+from ..kernels.coverage import variant_fallback_reason
 from ..report import SiteRecord, SiteReport
 from . import aten_ops as ops
 from . import reasons as R
 from .axis_labels import LayoutError, concrete, size_hint
 from .find_indexers import IndexerSite, SiteRefusal, find_indexer_sites
+from .fold_visibility import KeyBound, SiteVisibility, plan_visibility
 from .graph_builder import Arranger, GraphBuilder
 
 aten = torch.ops.aten
@@ -79,9 +83,11 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
     # about, so the fallback does not apply.
     if keys is not None and keys < config.min_keys and not config.context_parallel:
         variant = "dense"
+    # Under context parallelism the sharded op takes no visibility (the site has no mask).
+    visibility = SiteVisibility() if config.context_parallel else plan_visibility(site)
     builder = GraphBuilder(graph, site.topk)
     try:
-        _emit(builder, site, config, variant)
+        _emit(builder, site, config, variant, visibility)
     except LayoutError as error:
         builder.undo()
         return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"could not rearrange the operands: "
@@ -98,11 +104,27 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
               + ("" if variant == config.variant else
                  f"; T={keys} < min_keys={config.min_keys}: dense")
               + ("; context parallel: misa::sharded_topk" if config.context_parallel else ""))
+    routed = variant in ("misa", "misa_hier")
     return SiteRecord(site.name, "rewritten", "", detail, site.heads, _k_text(k_top),
-                      site.layout, _dtype_text(site.dtype), site.mask_kind, variant)
+                      site.layout, _dtype_text(site.dtype), site.mask_kind, variant,
+                      visibility=visibility.form,
+                      active_heads=config.active_heads if routed else site.heads,
+                      runs=where_it_runs(site, variant, config))
 
 
-def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant: str) -> None:
+def where_it_runs(site: IndexerSite, variant: str, config: MisaConfig) -> str:
+    """"triton", or "torch: <why>" on CUDA (kernels/coverage.py decides, as the CUDA registration
+    does); "torch (<device>)" elsewhere, where the chunked torch implementation runs."""
+    value = ops.tensor_val(site.topk.args[0])
+    device = value.device if value is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return f"torch ({device.type})"
+    reason = variant_fallback_reason(variant, config.router)
+    return "triton" if reason is None else f"torch: {reason}"
+
+
+def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant: str,
+          visibility: SiteVisibility) -> None:
     space = site.space
     size_nodes: dict[int, Union[int, Node]] = {}
 
@@ -130,8 +152,8 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
         w = builder.call(aten.mul.Tensor, w, factor)
     w = _as_op_dtype(builder, builder.call(aten.expand.default, w,
                                            [_size_or_one(size_of, x) for x in (b, s, h)]))
-    mask = _mask(builder, arrange, site, size_of)
-    values, indices = _indexer_chain(builder, q, k, w, site.k_top, site.scale, mask, config,
+    vis = _visibility_args(builder, arrange, site, visibility, size_of, ops.val(q).device)
+    values, indices = _indexer_chain(builder, q, k, w, site.k_top, site.scale, vis, config,
                                      variant)
 
     new_key = space.new(ops.val(site.k_top) if isinstance(site.k_top, Node) else site.k_top)
@@ -179,7 +201,7 @@ def _context_parallel_refusal(site: IndexerSite, config: MisaConfig) -> str:
     return ""
 
 
-def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):
+def _indexer_chain(builder, q, k, w, k_top, scale, visibility, config, variant):
     """The ops kernels/indexer.py's indexer_topk calls for `variant`, as graph nodes; under
     context parallelism the one sharded op instead (k is this rank's key shard)."""
     misa = torch.ops.misa
@@ -189,8 +211,7 @@ def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):
                            config.active_heads, config.block_size, config.candidates,
                            config.router, scale, False, None, None, config.query_chunk)
         return builder.call(operator.getitem, out, 0), builder.call(operator.getitem, out, 1)
-    # causal=False and no key range: the mask (or its absence) is the site's whole visibility.
-    vis = (False, None, None, mask, config.query_chunk)
+    vis = (*visibility, config.query_chunk)  # causal, key_start, key_end, mask
     if variant == "dense":
         out = builder.call(misa.dense_topk.default, q, k, w, k_top, scale, *vis)
     elif variant == "hisa":
@@ -211,22 +232,68 @@ def _indexer_chain(builder, q, k, w, k_top, scale, mask, config, variant):
     return builder.call(operator.getitem, out, 0), builder.call(operator.getitem, out, 1)
 
 
-def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite, size_of) -> Optional[Node]:
-    """The op's mask [B,S,T]: bool (True = visible) when every mask is boolean, else additive
-    float with the boolean ones applied as -inf."""
-    if not site.masks:
+def _visibility_args(builder: GraphBuilder, arrange: Arranger, site: IndexerSite,
+                     visibility: SiteVisibility, size_of, device: torch.device):
+    """(causal, key_start, key_end, mask) for the ops, from the site's folded visibility."""
+    key_start = key_end = None
+    if visibility.has_ranges:
+        key_start, key_end = _key_ranges(builder, site, visibility, size_of, device)
+    return visibility.causal, key_start, key_end, _mask(builder, arrange, site, visibility,
+                                                        size_of)
+
+
+def _key_ranges(builder: GraphBuilder, site: IndexerSite, visibility: SiteVisibility, size_of,
+                device: torch.device) -> tuple[Node, Node]:
+    """int64 [B,S] key_start and key_end: the tightest of the proven bounds, clamped to [0, T].
+    Ranges are only folded for static S and T (fold_visibility.py), so the bounds are ints."""
+    queries = 1 if site.query is None else concrete(site.space.size(site.query))
+    keys = concrete(site.keys)
+    positions = builder.call(aten.arange.default, queries, dtype=torch.int64, device=device,
+                             pin_memory=False)
+
+    def tightest(bounds, combine, default):
+        result = None
+        for bound in bounds or [KeyBound(default, 0)]:
+            value = builder.call(aten.add.Tensor,
+                                 builder.call(aten.mul.Tensor, positions, bound.per_query),
+                                 bound.const)
+            result = value if result is None else builder.call(combine, result, value)
+        result = builder.call(aten.clamp.default, result, 0, keys)
+        rows = builder.call(aten.expand.default, builder.call(aten.unsqueeze.default, result, 0),
+                            [_size_or_one(size_of, site.batch), queries])
+        return builder.call(aten.clone.default, rows, memory_format=torch.contiguous_format)
+
+    return (tightest(visibility.starts, aten.maximum.default, 0),
+            tightest(visibility.ends, aten.minimum.default, keys))
+
+
+def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite,
+          visibility: SiteVisibility, size_of) -> Optional[Node]:
+    """The op's mask [B,S,T] from what the visibility keeps as a mask: bool (True = visible)
+    when every piece is boolean, else additive float with the boolean ones applied as -inf.
+    Pieces that do not vary along an axis stay size 1 there until the final expand (a stride-0
+    broadcast, which the ops read without materialising it)."""
+    if not visibility.has_mask:
         return None
     b, s, t = site.batch, site.query, site.key
     visible: Optional[Node] = None
     bias: Optional[Node] = None
-    for mask in site.masks:
+
+    def both(node):
+        return node if visible is None else builder.call(aten.bitwise_and.Tensor, visible, node)
+
+    for leaf in visibility.leaves:
+        node = arrange.to_canonical(leaf.node, list(leaf.dims), [b, s, t])
+        if leaf.negated:
+            node = builder.call(aten.bitwise_not.default, node)
+        visible = both(node)
+    for mask in visibility.kept_masks:
         link = mask.operand.pick(site.space, negated=mask.invert)
         node = arrange.to_canonical(link.node, link.dims, [b, s, t])
         if mask.kind == "bool":
             if link.negated != mask.invert:
                 node = builder.call(aten.bitwise_not.default, node)
-            visible = node if visible is None else builder.call(aten.bitwise_and.Tensor,
-                                                                 visible, node)
+            visible = both(node)
         else:
             if mask.factor != 1.0:
                 node = builder.call(aten.mul.Tensor, node, mask.factor)
