@@ -1,7 +1,7 @@
 """Which misa op calls the Triton kernels cover on CUDA, and why the others run the chunked torch
 implementation there. One table, read by the CUDA registration (kernels/triton/register.py, which
-falls back and warns once) and by the graph pass's site report (which says what each site will
-run), so the two can never disagree."""
+falls back to torch and warns once per reason) and by the graph pass's site report (which says
+what each site will run), so the two can never disagree."""
 from __future__ import annotations
 
 from typing import Optional

@@ -8,7 +8,10 @@ Common arguments:
   scale     positive factor applied to the index score (the model's softmax/head scales)
   causal    end-aligned causal visibility (query i of S sees keys [0, T-S+i])
   key_start, key_end  optional int [B,S]: ragged key range [start, end) per query
-  mask      optional [B,S,T]: bool (True = visible) or float (added to the score; -inf hides)
+  mask      optional, [B,S,T] or any shape broadcastable to it ([1,S,T], [S,T], stride-0
+            expands; a [B,1,S,T] attention mask sliced [:, 0]): bool (True = visible) or
+            bf16/fp16/fp32 additive (added to the scaled score; a value <= finfo(float16).min,
+            e.g. -inf or finfo(bf16).min, hides the key)
   chunk     queries per CPU step; 0 picks from a memory budget (results do not depend on it)
   q_scale, k_scale  optional fp32 [B,S,H] / [B,T], finite and > 0: the op computes its math on
             q.float() * q_scale[..., None] and k.float() * k_scale[..., None] (dequantized FP8

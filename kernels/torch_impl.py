@@ -169,14 +169,14 @@ def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end,
         per_block = torch.einsum("bchd,bnd->bchn", q[:, rows].float(), kbar).relu_()
         beta = torch.einsum("bchn,bch->bcn", per_block, w[:, rows].float())
         beta = torch.nan_to_num(beta, nan=NEG_INF).masked_fill_(~blocks_visible, NEG_INF)
-        beta = _force_first_and_last_blocks(beta, blocks_visible)
+        beta = force_first_and_last_blocks(beta, blocks_visible)
         chosen = beta.topk(kept, dim=-1).indices  # [B, c, kept]
         key_ids = (chosen[..., None] * block_size + offsets).flatten(-2)
         out[:, rows] = torch.where(key_ids < keys, key_ids, -1)
     return out
 
 
-def _force_first_and_last_blocks(beta, blocks_visible):
+def force_first_and_last_blocks(beta, blocks_visible):
     """HISA always keeps the first visible block (the attention sink) and the last one (the
     query's own block)."""
     total = blocks_visible.shape[-1]

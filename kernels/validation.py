@@ -88,10 +88,20 @@ def check_indexer_inputs(
         if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: mask has dtype {mask.dtype}; allowed: bool (True = visible) or "
                             "a float dtype (additive, -inf = hidden)")
-        if tuple(mask.shape) != (batch, queries, keys):
+        if not _broadcasts_to(tuple(mask.shape), (batch, queries, keys)):
             raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected [B, S, T] = "
-                             f"{[batch, queries, keys]}")
+                             f"{[batch, queries, keys]} or a shape that broadcasts to it "
+                             "([1, S, T], [S, T], [B, 1, T], ...: size-1 dims, at most 3 dims; "
+                             "slice a [B, 1, S, T] attention mask as mask[:, 0])")
     return IndexerShape(batch, queries, heads, dim, keys)
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """True when a tensor of `shape` broadcasts to exactly `target` (no new leading dims beyond
+    target's, each dim 1 or equal)."""
+    if len(shape) > len(target):
+        return False
+    return all(size in (1, want) for size, want in zip(reversed(shape), reversed(target)))
 
 
 def _check_dequant_scale(op: str, name: str, scale: Optional[torch.Tensor], expected: tuple,

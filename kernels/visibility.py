@@ -2,7 +2,9 @@
 
 Visibility is the AND of (a) end-aligned causality (query i of S sees keys [0, T-S+i]) when
 `causal`, (b) a ragged range [key_start, key_end) when given, and (c) a boolean mask (True =
-visible) when given. A float mask is additive: it is added to the score, and -inf hides a key."""
+visible) when given. A float mask is additive: it is added to the score, and a bias at or below
+HIDDEN_BIAS (-inf, the dtypes' finfo.min) hides a key. A mask may have any shape that broadcasts
+to [B, S, T] (it is expanded, a view)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -35,6 +37,7 @@ def chunk_visibility(
         visible &= positions < key_end[:, rows, None].to(positions.dtype)
     bias = None
     if mask is not None:
+        mask = mask.expand(batch, queries, keys)
         if mask.dtype == torch.bool:
             visible &= mask[:, rows]
         else:

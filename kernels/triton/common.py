@@ -7,6 +7,7 @@ Key 0 (a negative NaN bit pattern, never produced after NaN scrubbing) marks pad
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -17,6 +18,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Ordered key of -inf: every hidden (or NaN) score maps here, padding maps below it, to 0.
 NEG_INF_KEY = tl.constexpr(0x007FFFFF)
+
+# The op's `mask` as the kernels see it (MASK_KIND constexpr): none, bool (loaded as uint8,
+# nonzero = visible) or additive float (bf16/fp16/fp32, added to the scaled score).
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+# An additive mask hides a key at or below float16's lowest finite value (visibility.HIDDEN_BIAS):
+# -inf, finfo(bf16/fp32).min and finfo(fp16).min all hide, NaN hides too (the comparison fails).
+HIDDEN_BIAS = tl.constexpr(float(torch.finfo(torch.float16).min))
 
 
 @triton.jit
@@ -82,6 +90,32 @@ def visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total
 
 
 @triton.jit
+def load_mask_tile(mask_ptr, b, t, keys, ok, stride_mb, stride_ms, stride_mt,
+                   MASK_KIND: tl.constexpr):
+    """(visible, bias) of the mask entries [b, t, keys] where `ok` holds; t (query positions) and
+    keys (key positions) broadcast against each other: a [M, 1] column and a [1, N] row make a
+    tile, a scalar query and a [N] row a vector. The mask is read through its strides (stride 0
+    on broadcast dims); entries outside `ok` are not read and come back hidden, so `ok` should
+    already be the causal / ragged visibility (hidden tiles then cost no mask traffic).
+    visible = ok AND (bool: entry nonzero; additive: entry > HIDDEN_BIAS). bias (additive only,
+    fp32; 0.0 otherwise) is what the caller adds to the scaled score."""
+    if MASK_KIND == 0:
+        visible = ok
+        bias = 0.0
+    else:
+        offsets = (b.to(tl.int64) * stride_mb + t.to(tl.int64) * stride_ms
+                   + keys.to(tl.int64) * stride_mt)
+        raw = tl.load(mask_ptr + offsets, mask=ok, other=0)
+        if MASK_KIND == 1:
+            visible = ok & (raw != 0)
+            bias = 0.0
+        else:
+            bias = raw.to(tl.float32)
+            visible = ok & (bias > HIDDEN_BIAS)
+    return visible, bias
+
+
+@triton.jit
 def append_candidates(scores, key_ids, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
                       cand_idx_ptr, CAP: tl.constexpr, PER_ELEMENT: tl.constexpr):
     """Appends the entries of a [M, N] score tile that are finite and >= lo[row] to per-row
@@ -105,6 +139,19 @@ def append_candidates(scores, key_ids, flat_rows, row_ok, col_ok, lo, count_ptr,
     tl.store(row_val[:, None] + slot, scores, mask=keep)
     ids = tl.broadcast_to(key_ids[None, :], scores.shape).to(tl.int32)
     tl.store(row_idx[:, None] + slot, ids, mask=keep)
+
+
+def mask_operand(mask: Optional[torch.Tensor], batch: int, queries: int, keys: int
+                 ) -> tuple[Optional[torch.Tensor], int, tuple[int, int, int]]:
+    """(tensor for the kernel, MASK_KIND, (stride_b, stride_s, stride_t)) of an op's mask, any
+    shape broadcastable to [B, S, T]. The expand is a view (stride 0 on broadcast dims): nothing
+    of size [B, S, T] is copied. Bool masks are reinterpreted as uint8 (Triton loads bytes)."""
+    if mask is None:
+        return None, MASK_NONE, (0, 0, 0)
+    view = mask.expand(batch, queries, keys)
+    if view.dtype == torch.bool:
+        return view.view(torch.uint8), MASK_BOOL, view.stride()
+    return view, MASK_ADDITIVE, view.stride()
 
 
 def next_pow2(n: int) -> int:

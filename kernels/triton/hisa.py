@@ -2,13 +2,18 @@
 beta[t, b] = sum_j w[t, j] ReLU(q[t, j] . kbar[b]) (index_scores over pooled keys, a block
 visible when it overlaps the query's range), the first and last visible block forced in, the
 top-m blocks per query (candidate_topk), expanded to their key ids (-1 past T). The refinement is
-rerank_topk over these ids."""
+rerank_topk over these ids. With a mask, a block is visible when any of its keys is
+(block_visibility.py, the mask read once); the block scores take that as a bool mask over block
+ids, and the first and last visible blocks are forced in on the small [B, rows, blocks] scores by
+the torch implementation's own rule."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from ..torch_impl import force_first_and_last_blocks
+from .block_visibility import block_visibility
 from .candidate_topk import MAX_ROW, candidate_topk
 from .common import next_pow2
 from .index_scores import index_scores
@@ -20,10 +25,11 @@ from .select import CHUNK_BUDGET_BYTES
 def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_size: int,
                     num_blocks: int, causal: bool, key_start: Optional[torch.Tensor],
                     key_end: Optional[torch.Tensor], chunk: int = 0,
-                    k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    k_scale: Optional[torch.Tensor] = None,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 [B, S, min(m, ceil(T/block)) * block] key ids of each query's kept blocks. k_scale
     [B, T] dequantizes FP8 keys before pooling (the pooled keys are real values); a per-query
-    scale is the caller's to fold into w."""
+    scale is the caller's to fold into w. `mask`: bool or additive, broadcastable to [B, S, T]."""
     batch, queries = q.shape[:2]
     T = k.shape[1]
     device = q.device
@@ -35,6 +41,9 @@ def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_siz
     kept = min(num_blocks, total_blocks)
     out = torch.empty(batch, queries, kept * block_size, dtype=torch.int64, device=device)
     offsets = torch.arange(block_size, device=device)
+    blocks_seen = (None if mask is None else
+                   block_visibility(mask, batch, queries, T, block_size, causal, key_start,
+                                    key_end))
     per_row = total_blocks * 4 + kept * block_size * 8
     step = chunk if chunk > 0 else max(1, CHUNK_BUDGET_BYTES // (batch * per_row))
     for row0 in range(0, queries, step):
@@ -42,7 +51,10 @@ def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_siz
         beta = torch.empty(batch, rows, total_blocks, dtype=torch.float32, device=device)
         index_scores(q, kbar, w, rows=rows, row0=row0, causal=causal, key_start=key_start,
                      key_end=key_end, scale=1.0, n_cols=total_blocks, key_block=block_size,
-                     force_ends=True, out=beta, total_positions=T)
+                     force_ends=blocks_seen is None, out=beta, total_positions=T,
+                     mask=blocks_seen)
+        if blocks_seen is not None:
+            beta = force_first_and_last_blocks(beta, blocks_seen[:, row0:row0 + rows])
         block_v = torch.empty(batch, rows, kept, dtype=torch.float32, device=device)
         block_i = torch.empty(batch, rows, kept, dtype=torch.int64, device=device)
         if next_pow2(max(total_blocks, kept)) <= MAX_ROW:

@@ -20,7 +20,10 @@ Two outputs:
   EMIT  appends the scores >= lo[row] (and finite) to per-row candidate lists; the [S, T] matrix
         is never written.
 
-Tiles that no query of the tile can see are skipped (causal diagonal, ragged ranges)."""
+Visibility: causal, ragged ranges and the op's mask (bool, or additive: added to the scaled score,
+a key hidden at or below HIDDEN_BIAS), all together. The mask tile is loaded before the key tile,
+and tiles that no query of the tile can see are skipped (causal diagonal, ragged ranges, masked
+out blocks)."""
 from __future__ import annotations
 
 import warnings
@@ -31,7 +34,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from .common import INTERPRET, append_candidates, dot_block_d, dot_config, visible_range
+from .common import (INTERPRET, MASK_NONE, append_candidates, dot_block_d, dot_config,
+                     load_mask_tile, mask_operand, visible_range)
 
 MODE_FULL = 0
 MODE_EMIT = 1
@@ -40,17 +44,18 @@ MODE_EMIT = 1
 @triton.jit
 def index_scores_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, ke_ptr, lo_ptr, out_ptr, cand_idx_ptr, count_ptr,
-    kscale_ptr, rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
+    kscale_ptr, mask_ptr, rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
     stride_rb, stride_rs,
     stride_ob, stride_or,
     stride_sb, stride_st,
+    stride_mb, stride_ms, stride_mt,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, MODE: tl.constexpr,
     FORCE_ENDS: tl.constexpr, KEY_BLOCK: tl.constexpr, HAS_KSCALE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    MASK_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PER_ELEMENT: tl.constexpr = False,
@@ -70,6 +75,11 @@ def index_scores_kernel(
     first_pos = key_rows * KEY_BLOCK
     visible = ((first_pos[None, :] < hi[:, None]) & (first_pos[None, :] + KEY_BLOCK > lo[:, None])
                & row_ok[:, None] & col_ok[None, :])
+    # The mask tile is read first (only where the ranges leave keys visible), so tiles that the
+    # mask hides from every query skip the dot products: a causal mask costs about what
+    # causal=True costs. Its columns are the key rows (block ids for pooled keys).
+    visible, _ = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :], visible, stride_mb,
+                                stride_ms, stride_mt, MASK_KIND)
     any_visible = tl.max(visible.to(tl.int32), axis=1)
     any_visible = tl.max(any_visible, axis=0) > 0
 
@@ -97,6 +107,11 @@ def index_scores_kernel(
             k_scale = tl.load(kscale_ptr + b.to(tl.int64) * stride_sb
                               + key_rows.to(tl.int64) * stride_st, mask=col_ok, other=1.0)
             scores = scores * k_scale[None, :]
+        if MASK_KIND == 2:
+            # Reloaded here rather than held in registers through the head loop (L2 hit).
+            _, bias = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :], visible,
+                                     stride_mb, stride_ms, stride_mt, MASK_KIND)
+            scores = scores + bias
         # NaN never wins a selection: it ranks with the hidden keys.
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         if FORCE_ENDS:
@@ -139,7 +154,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _tuned_kernel = triton.autotune(
-    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "KEY_BLOCK", "HAS_KSCALE"],
+    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "KEY_BLOCK", "HAS_KSCALE", "MASK_KIND"],
     pre_hook=_reset_count,
     prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)
@@ -151,10 +166,13 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
                  out: Optional[torch.Tensor] = None,
                  emit: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                  total_queries: Optional[int] = None, total_positions: Optional[int] = None,
-                 k_scale: Optional[torch.Tensor] = None) -> None:
+                 k_scale: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None) -> None:
     """Scores queries [row0, row0 + rows) of q [B,S,H,D] against key slots [0, n_cols) of
     k [B,n_keys,D] (slot n is key row n * key_stride), times k_scale [B, n_keys] fp32 of the
-    key row when given (never for pooled keys, which are already real values).
+    key row when given (never for pooled keys, which are already real values). `mask`, any
+    shape broadcastable to [B, S, n_keys] (indexed by query and key row: for pooled keys, a
+    block visibility), is the op's bool or additive mask, read through its strides.
 
     Exactly one of `out` (FULL: fp32 [B, rows, n_cols], any row strides, unit column stride) or
     `emit` = (lo [B*rows] fp32, cand_val [B*rows, CAP] fp32, cand_idx [B*rows, CAP] int32,
@@ -180,15 +198,18 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     ke = key_end if ragged else dummy
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     assert k_scale is None or key_block == 1, "pooled keys are real values: no k_scale"
+    mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, n_keys)
+    assert not (force_ends and mask_kind != MASK_NONE), "forced ends follow the ranges only"
     block_d = dot_block_d(dim, dot_dtype)
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     args = (q, k, w, ks, ke, lo, out_ptr, cand_idx, count,
             k_scale if k_scale is not None else dummy,
+            mask_t if mask_t is not None else dummy,
             rows, row0, S_total, T, n_keys, n_cols, num_heads, float(scale), key_stride,
-            *q.stride(), *k.stride(), *w.stride(), *rstr, stride_ob, stride_or, *sstr, dim)
+            *q.stride(), *k.stride(), *w.stride(), *rstr, stride_ob, stride_or, *sstr, *mstr, dim)
     meta = dict(CAUSAL=causal, RAGGED=ragged, MODE=mode,
                 FORCE_ENDS=force_ends, KEY_BLOCK=key_block, HAS_KSCALE=k_scale is not None,
-                DOT_DTYPE=dot_dtype,
+                MASK_KIND=mask_kind, DOT_DTYPE=dot_dtype,
                 PRECISION=precision, CAP=cap, BLOCK_D=block_d)
     if INTERPRET:
         grid = (triton.cdiv(rows, 16), triton.cdiv(n_cols, 16), batch)

@@ -19,13 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot_block_d, dot_config, next_pow2, visible_range
+from .common import (INTERPRET, dot_block_d, dot_config, load_mask_tile, mask_operand,
+                     next_pow2, visible_range)
 from .paging import key_location
 
 
 @triton.jit
 def query_scores_kernel(
-    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr,
+    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr, mask_ptr,
     rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
@@ -34,10 +35,11 @@ def query_scores_kernel(
     stride_rb, stride_rs,
     stride_ob, stride_or,
     stride_sb, stride_st, stride_tb,
+    stride_mb, stride_ms, stride_mt,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, GATHER: tl.constexpr,
     HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -83,6 +85,9 @@ def query_scores_kernel(
         else:
             keys = cols.to(tl.int64)
         visible = col_ok & (keys >= lo) & (keys < hi) & (keys >= 0) & (keys < T)
+        # Masked-out keys are neither read from the mask twice nor loaded from k.
+        visible, bias = load_mask_tile(mask_ptr, b, t, keys, visible, stride_mb, stride_ms,
+                                       stride_mt, MASK_KIND)
         outer, inner = key_location(b, keys, visible, table_ptr, stride_tb, PAGED, PAGE)
         k_tile = tl.load(k_ptr + (outer * stride_kb + inner * stride_kt)[:, None]
                          + d[None, :] * stride_kd, mask=visible[:, None] & d_ok[None, :],
@@ -93,6 +98,8 @@ def query_scores_kernel(
         if HAS_KSCALE:
             scores = scores * tl.load(kscale_ptr + outer * stride_sb + inner * stride_st,
                                       mask=visible, other=1.0)
+        if MASK_KIND == 2:
+            scores = scores + bias
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
         tl.store(out_row + cols, scores, mask=col_ok)
 
@@ -102,12 +109,15 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
                  key_end: Optional[torch.Tensor], scale: float,
                  candidates: Optional[torch.Tensor] = None,
                  k_scale: Optional[torch.Tensor] = None,
-                 block_table: Optional[torch.Tensor] = None) -> None:
+                 block_table: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None) -> None:
     """out [B, rows, n_cols] fp32 (unit column stride) <- scores of queries [row0, row0+rows)
     against keys 0..n_cols-1, or against candidates [B, S, n_cols] (key ids; ids outside [0, T)
     score -inf) when given; each key's score times k_scale [B, T] fp32 when given. With
     block_table [B, pages] (int32/int64, unit column stride), k is a paged cache [P, page, D],
-    k_scale is [P, page], T = pages * page, and the table is read only for visible keys."""
+    k_scale is [P, page], T = pages * page, and the table is read only for visible keys. `mask`
+    (bool or additive, broadcastable to [B, S, T]; not with a block table) is read through its
+    strides at each query's (gathered) key ids."""
     batch, queries, num_heads, dim = q.shape
     page = k.shape[1] if block_table is not None else 1
     T = k.shape[1] if block_table is None else block_table.shape[1] * page
@@ -122,6 +132,8 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     block_d = dot_block_d(dim, dot_dtype)
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     tstr = block_table.stride(0) if block_table is not None else 0
+    assert mask is None or block_table is None, "the paged op has no mask"
+    mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, T)
     if INTERPRET:
         block_n, warps, stages = 16, 1, 1
     else:
@@ -141,10 +153,12 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
         key_start if ragged else dummy, key_end if ragged else dummy, out,
         k_scale if k_scale is not None else dummy,
         block_table if block_table is not None else dummy,
+        mask_t if mask_t is not None else dummy,
         rows, row0, queries, T, n_cols, num_heads, float(scale), cols_per_program,
         *q.stride(), *k.stride(), *w.stride(), *cstr, *rstr,
-        out.stride(0), out.stride(1), *sstr, tstr, dim,
+        out.stride(0), out.stride(1), *sstr, tstr, *mstr, dim,
         CAUSAL=causal, RAGGED=ragged, GATHER=candidates is not None,
         HAS_KSCALE=k_scale is not None, PAGED=block_table is not None, PAGE=page,
+        MASK_KIND=mask_kind,
         DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=warps, num_stages=stages)

@@ -17,10 +17,12 @@ from .select import CHUNK_BUDGET_BYTES, visible_end
 def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor,
                 k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
                 key_end: Optional[torch.Tensor], chunk: int = 0,
-                k_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                k_scale: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values fp32, indices int64) [B, S, min(k_top, T)] among candidates [B, S, C]; ids
     outside [0, T) and hidden keys score -inf; C < k_top pads with -inf. k_scale [B, T]
-    dequantizes FP8 keys (see query_scores)."""
+    dequantizes FP8 keys (see query_scores); `mask` (bool or additive, broadcastable to
+    [B, S, T]) is read at each candidate's (query, key) entry."""
     batch, queries = q.shape[:2]
     T = k.shape[1]
     width = candidates.shape[-1]
@@ -35,7 +37,8 @@ def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: t
         scores = torch.empty(batch, rows, width, dtype=torch.float32, device=device)
         cand = candidates[:, row0:row0 + rows]
         query_scores(q, k, w, scores, rows=rows, row0=row0, causal=causal, key_start=key_start,
-                     key_end=key_end, scale=scale, candidates=cand, k_scale=k_scale)
+                     key_end=key_end, scale=scale, candidates=cand, k_scale=k_scale,
+                     mask=mask)
         tail_base = visible_end(batch, queries, T, row0, rows, causal, key_end, device)
         out_v, out_i = values[:, row0:row0 + rows], indices[:, row0:row0 + rows]
         if in_registers:

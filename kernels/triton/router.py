@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_visibility import block_visibility
 from .candidate_topk import candidate_topk
-from .common import INTERPRET, next_pow2, visible_range
+from .common import INTERPRET, MASK_BOOL, MASK_NONE, load_mask_tile, next_pow2, visible_range
+from .paging import key_location
 
 # Router programs that fill the card (132 SMs on an H100/H200, two resident per SM).
 ROUTER_PROGRAMS = 264
-from .paging import key_location
 
 
 @triton.jit
@@ -86,15 +87,16 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
 
 @triton.jit
 def router_scores_kernel(
-    q_ptr, w_ptr, kbar_ptr, ks_ptr, ke_ptr, r_ptr,
+    q_ptr, w_ptr, kbar_ptr, ks_ptr, ke_ptr, r_ptr, bv_ptr,
     rows, row0, S_total, T, n_blocks, block, H, heads_per_program,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn,
     stride_rb, stride_rs,
     stride_ob, stride_os,
+    stride_vb, stride_vs, stride_vn,
     D,
-    CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, BLOCK_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -122,7 +124,10 @@ def router_scores_kernel(
             per_block = tl.dot(q_j, tl.trans(kbar), input_precision="tf32x3")
             first = blocks * block
             visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
-                       & (blocks < n_blocks)[None, :])
+                       & (blocks < n_blocks)[None, :] & row_ok[:, None])
+            # With a mask, the blocks that hold a key the query sees (block_visibility.py).
+            visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
+                                        stride_vb, stride_vs, stride_vn, BLOCK_MASK)
             relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
             r_j += tl.sum(tl.where(visible, relu, 0.0), axis=1)
         w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0).to(tl.float32)
@@ -135,11 +140,15 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
                 block_size: int, causal: bool, key_start: Optional[torch.Tensor],
                 key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
-                seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                seq_lens: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 [B, S, active_heads]: each query's routed heads (router = "score"). k_scale [B, T]
     dequantizes FP8 keys; a per-query scale is the caller's to fold into w (the router uses
     |w| and sums ReLU terms, both homogeneous in a positive factor). With block_table and
-    seq_lens, k is a paged cache (see pooled_keys) and key_end [B, S] ends at seq_lens."""
+    seq_lens, k is a paged cache (see pooled_keys) and key_end [B, S] ends at seq_lens. `mask`
+    (bool or additive, broadcastable to [B, S, T]) is read once, by block_visibility: a block
+    counts for a query when any of its keys is visible to it (the mask's values do not enter
+    the router score)."""
     batch, queries, num_heads, dim = q.shape
     kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
     T = k.shape[1] if block_table is None else block_table.shape[1] * k.shape[1]
@@ -148,6 +157,11 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     ragged = key_start is not None
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
+    assert mask is None or block_table is None, "the paged op has no mask"
+    blocks_seen = (None if mask is None else
+                   block_visibility(mask, batch, queries, T, block_size, causal, key_start,
+                                    key_end).view(torch.uint8))
+    vstr = blocks_seen.stride() if blocks_seen is not None else (0, 0, 0)
     if INTERPRET:
         block_m, block_nb, warps = 16, 16, 1
     else:
@@ -161,9 +175,11 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     grid = (row_blocks, triton.cdiv(num_heads, heads_per_program), batch)
     router_scores_kernel[grid](
         q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, scores,
+        blocks_seen if blocks_seen is not None else dummy,
         queries, 0, queries, T, n_blocks, block_size, num_heads, heads_per_program,
         *q.stride(), *w.stride(), kbar.stride(0), kbar.stride(1), *rstr, scores.stride(0),
-        scores.stride(1), dim, CAUSAL=causal, RAGGED=ragged, BLOCK_M=block_m,
+        scores.stride(1), *vstr, dim, CAUSAL=causal, RAGGED=ragged,
+        BLOCK_MASK=MASK_NONE if blocks_seen is None else MASK_BOOL, BLOCK_M=block_m,
         BLOCK_NB=block_nb, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
     # Top-h heads per query; among equal scores the lower head index wins.
     out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)

@@ -12,7 +12,9 @@ scoring is the dense kernel over h heads with plain strided loads (measured 27% 
 H100 than gathering through the head table inside the kernel's loads). Chunks whose keys fit a
 candidate list (short contexts) are scored in full and selected directly. Few queries per
 sequence (decode) take the heads-as-rows kernel (query_scores) and select with topk_rows.
-Causal chunks only launch key tiles up to their last visible key.
+Causal chunks only launch key tiles up to their last visible key. The op's mask (bool or
+additive, any shape broadcastable to [B, S, T]) goes to every scoring kernel, read through its
+strides; masked selections then get hidden ids in their -inf slots (hidden_tails.py).
 
 Writing the chunk's full fp32 scores and selecting from them (topk_rows) measured about as fast
 for the dense kernel and 8% slower for 8 routed heads at 8192 x 64K, with O(chunk x T) memory."""
@@ -25,7 +27,8 @@ import torch
 
 from .. import torch_impl
 from ..torch_impl import gather_heads
-from .candidate_topk import candidate_topk
+from .candidate_topk import MAX_ROW, candidate_topk
+from .hidden_tails import hidden_tails
 from .index_scores import index_scores
 from .query_scores import query_scores
 from .row_topk import plan_selection, topk_rows
@@ -86,11 +89,13 @@ def _gather_routed(q: torch.Tensor, w: torch.Tensor, heads: torch.Tensor):
 def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Optional[torch.Tensor],
                 k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
                 key_end: Optional[torch.Tensor], chunk: int = 0,
-                k_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                k_scale: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-min(k_top, T) keys per query of the index score over all heads (heads=None) or over
     each query's routed heads [B, S, h]. Returns (values fp32, indices int64) [B, S, K],
     unordered; see ops.py for the conventions. k_scale [B, T] fp32 dequantizes FP8 keys (each
-    key's score is multiplied by it); a per-query scale is folded into w by the caller."""
+    key's score is multiplied by it); a per-query scale is folded into w by the caller. `mask`:
+    the op's bool or additive mask, any shape broadcastable to [B, S, T]."""
     batch, queries, _, _ = q.shape
     T = k.shape[1]
     K = min(k_top, T)
@@ -99,13 +104,15 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         q, w = _gather_routed(q, w, heads)
     values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
     indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
-    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, k_scale=k_scale)
+    vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, k_scale=k_scale,
+               mask=mask)
 
     if queries < FEW_QUERIES:
         scores = torch.empty(batch, queries, T, dtype=torch.float32, device=device)
         query_scores(q, k, w, scores, rows=queries, row0=0, **vis)
         tail_base = visible_end(batch, queries, T, 0, queries, causal, key_end, device)
         topk_rows(scores, K, values, indices, tail_base=tail_base)
+        _hide_tails(values, indices, T, **vis)
         return values, indices
 
     widest = plan_selection(K, T)
@@ -155,15 +162,24 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
                        tail_base=tail_base, flags=flags)
         bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
     if bad.any():
-        _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale,
+        _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, mask,
                         values, indices)
+    _hide_tails(values, indices, T, **vis)
     return values, indices
 
 
-def _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, values,
-                    indices):
+def _hide_tails(values, indices, T, *, causal, key_start, key_end, mask, **_):
+    """Masked selections only: hidden ids in the -inf slots (hidden_tails.py). Rows too wide for
+    registers were selected by torch.topk, whose ids are distinct already."""
+    if mask is not None and values.shape[-1] <= MAX_ROW:
+        hidden_tails(values, indices, mask, T, causal, key_start, key_end)
+
+
+def _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, mask,
+                    values, indices):
     """Rows whose sampled threshold missed, redone exactly by the chunked torch implementation
-    with their visibility spelled as explicit ranges."""
+    with their visibility spelled as explicit ranges plus their rows of the mask (a copy of
+    those rows only)."""
     batch, queries = bad.shape
     T = k.shape[1]
     lo, hi = visible_bounds(batch, queries, T, 0, queries, causal, key_start, key_end, q.device)
@@ -172,8 +188,9 @@ def _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_sc
         if rows.numel() == 0:
             continue
         k_scale_b = k_scale[b:b + 1] if k_scale is not None else None
+        mask_b = None if mask is None else mask.expand(batch, queries, T)[b:b + 1, rows]
         v, i = torch_impl.dense_topk(q[b:b + 1, rows], k[b:b + 1], w[b:b + 1, rows], k_top, scale,
-                                     False, lo[b:b + 1, rows], hi[b:b + 1, rows], None, 0,
+                                     False, lo[b:b + 1, rows], hi[b:b + 1, rows], mask_b, 0,
                                      k_scale=k_scale_b)
         values[b, rows] = v[0]
         indices[b, rows] = i[0]

@@ -1,0 +1,66 @@
+"""Which key blocks each query can see when the op has a mask: a block is visible to a query when
+any key of the block is (causal AND ragged range AND mask), as visibility.block_visibility says.
+The router (blocks of block_size keys) and HISA's block filter (pooled keys) score per block, so
+they read the mask once, here, through its strides, and then take this small [B, S, ceil(T /
+block)] bool tensor as a bool mask over block ids. Without a mask they need none of it: a block's
+visibility is then its overlap with the query's range, which the kernels test directly."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, load_mask_tile, mask_operand, visible_range
+
+
+@triton.jit
+def block_visibility_kernel(mask_ptr, ks_ptr, ke_ptr, out_ptr, S, T, block,
+                            stride_rb, stride_rs, stride_mb, stride_ms, stride_mt,
+                            stride_ob, stride_os,
+                            CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+                            MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = t < S
+    lo, hi = visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S, CAUSAL,
+                           RAGGED)
+    # Walk only the keys of the block that some row's range leaves visible (causal rows stop at
+    # the diagonal).
+    start = tl.maximum(blk * block, tl.min(tl.where(row_ok, lo, T), axis=0))
+    end = tl.minimum(blk * block + block, tl.minimum(T, tl.max(tl.where(row_ok, hi, 0), axis=0)))
+    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for s0 in range(start, end, BLOCK_N):
+        keys = s0 + tl.arange(0, BLOCK_N)
+        ok = (row_ok[:, None] & (keys < end)[None, :] & (keys[None, :] >= lo[:, None])
+              & (keys[None, :] < hi[:, None]))
+        visible, _ = load_mask_tile(mask_ptr, b, t[:, None], keys[None, :], ok, stride_mb,
+                                    stride_ms, stride_mt, MASK_KIND)
+        seen = tl.maximum(seen, tl.max(visible.to(tl.int32), axis=1))
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os + blk,
+             seen.to(tl.uint8), mask=row_ok)
+
+
+def block_visibility(mask: torch.Tensor, batch: int, queries: int, T: int, block: int,
+                     causal: bool, key_start: Optional[torch.Tensor],
+                     key_end: Optional[torch.Tensor]) -> torch.Tensor:
+    """bool [B, S, ceil(T / block)]: block n is visible to query t when a key of
+    [n * block, (n + 1) * block) is visible to it; `mask` (bool or additive) is any shape
+    broadcastable to [B, S, T]."""
+    n_blocks = triton.cdiv(T, block)
+    out = torch.empty(batch, queries, n_blocks, dtype=torch.bool, device=mask.device)
+    mask_t, kind, mstr = mask_operand(mask, batch, queries, T)
+    ragged = key_start is not None
+    rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
+    block_m, block_n = (16, 16) if INTERPRET else (32, 128)
+    grid = (triton.cdiv(queries, block_m), n_blocks, batch)
+    block_visibility_kernel[grid](
+        mask_t, key_start if ragged else mask_t, key_end if ragged else mask_t,
+        out.view(torch.uint8), queries, T, block, *rstr, *mstr, out.stride(0), out.stride(1),
+        CAUSAL=causal, RAGGED=ragged, MASK_KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=1 if INTERPRET else 4)
+    return out
