@@ -1,8 +1,11 @@
 """Benchmark of the indexer variants on one CUDA card: plain torch (the Hugging Face
 formulation, chunked), torch.compile of it, our dense Triton kernel, MISA (h=8),
-MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scales, and (decode)
-dense / MISA over a paged key cache, over the shapes of PERFORMANCE.md; plus top-k alone against
-torch.topk. Prints one table last (card named) and writes the full JSON.
+MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scales, dense / MISA given the causal visibility
+as a mask tensor (causal=False plus a [B, 1, S, T] mask sliced [:, 0], bool as transformers
+builds it for sdpa, additive bf16 0 / finfo.min as for eager attention; prefill shapes with at
+most 2^30 mask entries), and (decode) dense / MISA over a paged key cache, over the shapes of
+PERFORMANCE.md; plus top-k alone against torch.topk. Prints one table last (card named) and
+writes the full JSON.
 
     python bench/bench_indexer.py [--quick] [--only LABELS] [--no-torch] [--out FILE]
 
@@ -39,6 +42,9 @@ VARIANTS = {
 FP8_VARIANTS = ("dense", "misa")
 PAGED_VARIANTS = ("dense", "misa")
 PAGE = 64
+MASK_VARIANTS = ("dense", "misa")
+# Mask rows only where the mask stays small enough to sit beside the inputs (1 GiB bool).
+MASK_ENTRIES = 1 << 30
 
 
 def shapes(quick: bool):
@@ -136,6 +142,11 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
     pick_paged = rotating(paged_sets)
     for name in PAGED_VARIANTS if paged_sets else ():
         calls[f"{name} paged"] = lambda c=VARIANTS[name]: paged_call(pick_paged(), c)
+    small = 1 < queries and batch * queries * keys <= MASK_ENTRIES
+    masks = causal_masks(batch, queries, keys) if small else {}
+    for kind, mask in masks.items():
+        for name in MASK_VARIANTS:
+            calls[f"{name} {kind}"] = lambda c=VARIANTS[name], m=mask: masked_call(pick(), c, m)
     if run_torch:
         calls = {"torch": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE), **calls}
     if run_compile:
@@ -152,6 +163,9 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
                 elif name.endswith(" paged"):
                     values, indices = paged_call(paged_sets[0],
                                                  VARIANTS[name.removesuffix(" paged")])
+                elif name.endswith(" mask"):
+                    variant, kind = name.split(" ", 1)
+                    values, indices = masked_call(sets[0], VARIANTS[variant], masks[kind])
                 else:
                     values, indices = indexer_topk(*sets[0], K_TOP, VARIANTS[name], scale=SCALE)
                 rec = recall(indices, values, dense_indices, dense_values)
@@ -169,6 +183,21 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
         if dense_ms and "ms" in r:
             r["vs_dense"] = dense_ms / r["ms"]
     return rows
+
+
+def causal_masks(batch, queries, keys):
+    """The end-aligned causal visibility as transformers hands it to the indexer: a
+    [B, 1, S, T] mask sliced [:, 0], bool (sdpa) and additive bf16 (eager attention)."""
+    pos = torch.arange(keys, device="cuda")
+    last = keys - queries + torch.arange(queries, device="cuda")
+    visible = (pos[None, :] <= last[:, None]).expand(batch, 1, queries, keys)
+    additive = torch.zeros(batch, 1, queries, keys, dtype=torch.bfloat16, device="cuda")
+    additive.masked_fill_(~visible, torch.finfo(torch.bfloat16).min)
+    return {"bool mask": visible.contiguous()[:, 0], "add mask": additive[:, 0]}
+
+
+def masked_call(inputs, config, mask):
+    return indexer_topk(*inputs, K_TOP, config, scale=SCALE, causal=False, mask=mask)
 
 
 def fp8_call(inputs, config):

@@ -25,13 +25,16 @@ FORM_IDS = [f"{str(d).split('.')[-1]}-{fill or 'bool'}-{layout}" for d, fill, la
 
 
 def make_mask(form, batch: int, queries: int, keys: int, seed: int = 0, keep: float = 0.6,
-              device="cpu") -> torch.Tensor:
-    """A mask of `form` hiding about 1 - keep of the keys; layouts without a batch dim share one
-    pattern across the batch."""
+              device="cpu", base=None) -> torch.Tensor:
+    """A mask of `form` hiding about 1 - keep of the keys (and every key that the bool [S, T]
+    `base`, e.g. a causal pattern, hides); layouts without a batch dim share one pattern across
+    the batch."""
     dtype, fill, layout = form
     gen = torch.Generator().manual_seed(seed)
     rows = batch if layout in ("bst", "b1st") else 1
     visible = torch.rand(rows, queries, keys, generator=gen) < keep
+    if base is not None:
+        visible &= base.cpu()
     if dtype == torch.bool:
         mask = visible
     else:
