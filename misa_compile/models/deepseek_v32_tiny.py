@@ -36,13 +36,24 @@ def tiny_deepseek_v32(layers: int = 2, index_heads: int = 8, index_topk: int = 8
     seed:         seeds the weights and the example ids.
     overrides:    any other DeepseekV32Config field (e.g. index_head_dim=32).
     The attention implementation is "eager" (the additive-mask path), the KV cache is off."""
+    return build_tiny_causal_lm("DeepseekV32Config", "DeepseekV32ForCausalLM", "tiny_deepseek_v32",
+                                layers, index_heads, index_topk, seed, sequence_length,
+                                batch_size, overrides)
+
+
+def build_tiny_causal_lm(config_name: str, model_name: str, factory: str, layers: int,
+                         index_heads: int, index_topk: int, seed: int, sequence_length: int,
+                         batch_size: int, overrides: dict[str, Any]
+                         ) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A transformers DSA model (`model_name` with `config_name`) sized by _TINY_CONFIG, eager
+    attention, and example input_ids; `factory` names the caller in errors."""
     for name, value, minimum in (("layers", layers, 1), ("index_heads", index_heads, 1),
                                  ("index_topk", index_topk, 1),
                                  ("sequence_length", sequence_length, 1),
                                  ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"tiny_deepseek_v32: {name}={value!r}; must be an int >= {minimum}")
-    config_cls, model_cls = _import_deepseek_v32()
+            raise ValueError(f"{factory}: {name}={value!r}; must be an int >= {minimum}")
+    config_cls, model_cls = _import_model_classes(config_name, model_name)
     fields = dict(_TINY_CONFIG, num_hidden_layers=layers, index_n_heads=index_heads,
                   index_topk=index_topk)
     fields.update(overrides)
@@ -55,21 +66,21 @@ def tiny_deepseek_v32(layers: int = 2, index_heads: int = 8, index_topk: int = 8
     return model, input_ids
 
 
-def _import_deepseek_v32() -> tuple[type, type]:
+def _import_model_classes(config_name: str, model_name: str) -> tuple[type, type]:
     try:
         with _repository_kernels_hidden():
             import transformers
             from transformers.utils import import_utils
             # Cached after this first call, which must see the real sys.path (see below).
             import_utils.is_kernels_available()
-            from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
-    except ImportError as error:
+            config_cls = getattr(transformers, config_name)
+            model_cls = getattr(transformers, model_name)
+    except (ImportError, AttributeError) as error:
         version = getattr(sys.modules.get("transformers"), "__version__", "not installed")
         raise ImportError(
-            "tiny_deepseek_v32 needs Hugging Face transformers with DeepseekV32ForCausalLM "
-            f"(5.17 or newer; found: {version}): pip install 'transformers>=5.17'") from error
-    del transformers
-    return DeepseekV32Config, DeepseekV32ForCausalLM
+            f"{model_name} needs Hugging Face transformers 5.17 or newer (found: {version}): "
+            "pip install 'transformers>=5.17'") from error
+    return config_cls, model_cls
 
 
 @contextlib.contextmanager
