@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import aten_ops as ops
-from .axis_labels import Size, concrete, same_size
+from .axis_labels import Size, concrete, is_unit, same_size
 from .find_indexers import IndexerSite, Link, Mask
 from .mask_algebra import Affine, Bias, FloatConst, Leaf, MaskAlgebra, Predicate, negate
 
@@ -177,7 +177,9 @@ def _bound_kind(expr: Affine, per_role: dict, queries: Size, keys: Size, static:
     """"causal", "end", "start", or "keep" (stays a mask) for  c + b*batch + a*i + d*j >= 0.
     Ranges need static sizes and integer coefficients (they are built in the graph from them)."""
     batch, per_query, per_key = (concrete(per_role[r]) for r in ("batch", "query", "key"))
-    if batch == 0 and per_query == 1 and per_key == -1 and same_size(expr.const, keys - queries):
+    # With one query (decode) i is always 0, so its coefficient does not matter.
+    causal_slope = per_query == 1 or is_unit(queries)
+    if batch == 0 and causal_slope and per_key == -1 and same_size(expr.const, keys - queries):
         return "causal"  # j <= i + (T - S), the equality statically known
     if batch != 0 or per_query is None or per_key not in (-1, 1) or not static \
             or concrete(expr.const) is None:
