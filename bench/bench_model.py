@@ -38,7 +38,6 @@ import argparse
 import gc
 import importlib
 import json
-import math
 import pkgutil
 import platform
 import statistics
@@ -60,7 +59,7 @@ from misa_compile.backend import clear_reports, compiled_reports
 from misa_compile.measure import _native_stderr_silenced, cpu_peak_bytes
 from hf_indexers import (DEEPSEEK_V32, GLM_MOE_DSA, IndexerFamily, IndexerPrefill,
                          build_indexer_prefill, build_short_deepseek, decoder_inputs, describe,
-                         prefill_logits)
+                         prefill_logits, transformers_version)
 from workloads import hf_indexer_topk, true_scores
 
 VARIANTS = ("dense", "misa", "misa_hier")
@@ -231,15 +230,22 @@ def site_summary(reports) -> dict:
     sites = [site for report in reports for site in report.sites]
     if not sites:
         return {}
-    return dict(sites_rewritten=sum(s.status == "rewritten" for s in sites),
+    rewritten = [s for s in sites if s.status == "rewritten"]
+    # visibility / runs: what the pass passes the ops and where it expects them to run.
+    return dict(sites_rewritten=len(rewritten),
                 sites_refused=[s.reason for s in sites if s.status == "refused"],
-                site_masks=sorted({s.mask for s in sites if s.status == "rewritten"}))
+                site_masks=sorted({s.mask for s in rewritten}),
+                site_visibility=sorted({getattr(s, "visibility", "") for s in rewritten}),
+                site_runs=sorted({getattr(s, "runs", "") for s in rewritten}))
 
 
 def implementation_summary(row: dict) -> str:
-    """E.g. "route_heads triton, routed_topk torch"; the refused sites' reasons; the launches of
-    the project's Triton kernels outside any misa op (kernels Inductor inlined)."""
+    """E.g. "route_heads triton, routed_topk torch"; the visibility the pass gave the ops; the
+    refused sites' reasons; the launches of the project's Triton kernels outside any misa op
+    (kernels Inductor inlined)."""
     parts = [f"{op} {'+'.join(sorted(impls))}" for op, impls in row["misa_ops"].items()]
+    if any(row.get("site_visibility", ())):
+        parts.append("visibility " + "/".join(row["site_visibility"]))
     if row.get("sites_refused"):
         parts.append("refused: " + ",".join(row["sites_refused"]))
     if not row["misa_ops"] and row["triton_launches"]:
@@ -283,11 +289,16 @@ def tie_aware_recall(scores: torch.Tensor, reference: Reference) -> float:
     ref = reference.scores
     finite = torch.isfinite(ref)
     threshold = ref.masked_fill(~finite, float("inf")).amin(-1, keepdim=True)
-    tolerance = SCORE_RTOL * ref.masked_fill(~finite, 0).abs().amax(-1, keepdim=True)
+    tolerance = SCORE_RTOL * _largest_magnitude(ref)
     size = finite.sum(-1)
     hits = (scores >= threshold - tolerance).sum(-1).minimum(size)
     recall = hits.double() / size.clamp_min(1)
     return float(recall[:, reference.informative].mean())
+
+
+def _largest_magnitude(scores: torch.Tensor) -> torch.Tensor:
+    """Per query, the largest |finite score| ([..., 1])."""
+    return scores.masked_fill(~torch.isfinite(scores), 0).abs().amax(-1, keepdim=True)
 
 
 def index_quality(scores: torch.Tensor, indices: torch.Tensor, reference: Reference,
@@ -318,9 +329,10 @@ def mismatching_queries(scores: torch.Tensor, other: torch.Tensor, informative: 
                         ) -> int:
     """Informative queries whose sorted selected score sets differ (beyond SCORE_RTOL)."""
     a, b = scores.sort(-1).values, other.sort(-1).values
-    scale = torch.maximum(a.abs().amax(-1), b.abs().amax(-1))
-    differs = ((a - b).abs().amax(-1) > SCORE_RTOL * scale)
-    return int(differs[:, informative].sum())
+    tolerance = SCORE_RTOL * torch.maximum(_largest_magnitude(a), _largest_magnitude(b))
+    # Equal infinities (both kept a hidden key) are equal; any other gap beyond the tolerance not.
+    close = (a == b) | ((a - b).abs() <= tolerance)
+    return int((~close.all(-1))[:, informative].sum())
 
 
 # ------------------------------------------------------------------------ rows of one length
@@ -443,9 +455,10 @@ def bench_length(family: IndexerFamily, module: IndexerPrefill, length: int, set
                 if reference is None and plan.name in ("eager", "chain:dense"):
                     reference = Reference(plan.name, scores, scorer.informative())
                     reference_indices = indices
-                row.update(reference=reference.source,
-                           recall=tie_aware_recall(scores, reference),
-                           **index_quality(scores, indices, reference, reference_indices))
+                if reference is not None:
+                    row.update(reference=reference.source,
+                               recall=tie_aware_recall(scores, reference),
+                               **index_quality(scores, indices, reference, reference_indices))
                 if plan.variant == "dense" or plan.name.startswith("inductor"):
                     dense_scores[plan.name] = scores
             del output
@@ -554,21 +567,14 @@ def card_name(device: torch.device) -> str:
 
 
 def versions() -> dict:
-    with _transformers_importable():
-        import transformers
     found = dict(python=platform.python_version(), torch=torch.__version__,
-                 transformers=transformers.__version__, misa_compile=misa_compile.__version__)
+                 transformers=transformers_version(), misa_compile=misa_compile.__version__)
     try:
         import triton
         found["triton"] = triton.__version__
     except ImportError:
         found["triton"] = "not installed"
     return found
-
-
-def _transformers_importable():
-    from misa_compile.models.deepseek_v32_tiny import _repository_kernels_hidden
-    return _repository_kernels_hidden()
 
 
 def _num(value, spec: str, suffix: str = "") -> str:

@@ -71,6 +71,12 @@ GLM_MOE_DSA = IndexerFamily("GLM-5 (GLM-MoE-DSA)", "glm_moe_dsa", "GlmMoeDsaConf
                             "apply_rotary_pos_emb_interleave")
 
 
+def transformers_version() -> str:
+    with _repository_kernels_hidden():
+        import transformers
+    return transformers.__version__
+
+
 def describe(config) -> dict:
     """The sizes that decide the indexer's cost, for the output."""
     return dict(hidden=config.hidden_size, q_lora_rank=config.q_lora_rank,
