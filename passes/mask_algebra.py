@@ -403,8 +403,15 @@ _CONSTANT_BUILDERS = {aten.full.default, aten.full_like.default, aten.new_full.d
                       aten.scalar_tensor.default}
 
 
+# Where each constant builder takes its fill value (the rest fill with 0 or 1).
+_FILL_ARG = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2,
+             aten.scalar_tensor.default: 0}
+
+
 def _constant(node: Node, value: torch.Tensor) -> Optional[Value]:
-    number = ops.scalar_value(node)
+    fill = node.args[_FILL_ARG[node.target]] if node.target in _FILL_ARG else None
+    # aten_ops.scalar_value reads numbers only; a bool fill (full([], True)) is read here.
+    number = float(fill) if isinstance(fill, bool) else ops.scalar_value(node)
     if number is None:
         return None
     return _typed_constant(number, value.dtype, value.dim())

@@ -156,3 +156,16 @@ def test_mask_programs_rewrite_to_what_eager_selects(queries, extra_keys, shift,
     else:
         expected = "ranges+mask"
     assert record.visibility == expected, (record, misa_ops(gm))
+
+
+def test_constant_true_factors_fold_away_whatever_their_spelling():
+    """Inductor's decompositions spell new_ones((), dtype=bool) as full([], True)."""
+    queries, keys = 5, 7
+
+    def fn(q, k, w, keep):
+        visible = visible_keys(queries, keys, keys - queries) & torch.full((), True)
+        visible = visible & torch.ones(1, keys, dtype=torch.bool)
+        return indexer_scores(q, k, w).masked_fill(~visible, float("-inf")).topk(K).indices
+
+    indices, report, _ = compile_with_rewrite(fn, tensors(queries, keys), ALL_HEADS)
+    assert [r.visibility for r in report.rewritten] == ["causal"]

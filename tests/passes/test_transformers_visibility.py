@@ -49,3 +49,16 @@ def test_compiled_logits_equal_eager_with_the_folded_visibility(tiny, padded):
     expected = "causal+mask" if padded else "causal"
     report = misa_compile.backend.last_report()
     assert [r.visibility for r in report.rewritten] == [expected] * LAYERS, str(report)
+
+
+@pytest.mark.slow
+def test_default_inductor_target_reports_causal(tiny):
+    """Inductor's own decompositions build the mask with other ops than AOT's defaults."""
+    model, input_ids = tiny
+    misa_compile.backend.clear_reports()
+    compiled = torch.compile(model, backend="misa", options={"active_heads": 4,
+                                                             "block_size": 4})
+    with torch.no_grad():
+        compiled(input_ids)
+    report = misa_compile.backend.last_report()
+    assert [r.visibility for r in report.rewritten] == ["causal"] * LAYERS, str(report)
