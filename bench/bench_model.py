@@ -35,6 +35,7 @@ after every length."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import json
@@ -165,16 +166,11 @@ def release_memory(device: torch.device) -> None:
 
 # ------------------------------------------------------- which implementation each misa op ran
 
-_OUR_KERNELS: Optional[frozenset] = None
-
-
+@functools.lru_cache(maxsize=None)
 def our_triton_kernels() -> frozenset:
     """Names of the project's Triton kernels (what the profiler calls their launches); empty
     without CUDA, where the ops never launch them."""
-    global _OUR_KERNELS
-    if _OUR_KERNELS is None:
-        _OUR_KERNELS = frozenset(_triton_kernel_names()) if torch.cuda.is_available() else frozenset()
-    return _OUR_KERNELS
+    return frozenset(_triton_kernel_names() if torch.cuda.is_available() else ())
 
 
 def _triton_kernel_names():
@@ -195,7 +191,9 @@ def _triton_kernel_names():
 def misa_op_implementations(call: Callable[[], Any], device: torch.device) -> dict:
     """Profiles one call. Returns {"misa_ops": {op: {impl: calls}}, "triton_launches": n} where
     impl is "triton" when the op's call launched one of the project's Triton kernels, "torch"
-    when it ran only other kernels (the chunked torch implementation), "cpu" on the CPU."""
+    when it ran only other kernels (the chunked torch implementation), "unlinked" when the
+    profiler tied no kernel to it, "cpu" on the CPU; n counts the launches of the project's
+    Triton kernels by kernel name, whoever launched them."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _native_stderr_silenced(), profile(activities=activities) as prof:
         call()
@@ -221,6 +219,8 @@ def _implementation(event, ours: frozenset, device: torch.device) -> str:
         node = stack.pop()
         kernels.update(k.name for k in getattr(node, "kernels", ()))
         stack.extend(node.cpu_children)
+    if not kernels:
+        return "unlinked"
     return "triton" if kernels & ours else "torch"
 
 
@@ -241,14 +241,14 @@ def site_summary(reports) -> dict:
 
 def implementation_summary(row: dict) -> str:
     """E.g. "route_heads triton, routed_topk torch"; the visibility the pass gave the ops; the
-    refused sites' reasons; the launches of the project's Triton kernels outside any misa op
-    (kernels Inductor inlined)."""
+    refused sites' reasons; the launches of the project's Triton kernels (also those Inductor
+    would launch itself, outside any misa op)."""
     parts = [f"{op} {'+'.join(sorted(impls))}" for op, impls in row["misa_ops"].items()]
     if any(row.get("site_visibility", ())):
         parts.append("visibility " + "/".join(row["site_visibility"]))
     if row.get("sites_refused"):
         parts.append("refused: " + ",".join(row["sites_refused"]))
-    if not row["misa_ops"] and row["triton_launches"]:
+    if row["triton_launches"]:
         parts.append(f"{row['triton_launches']} misa Triton launches")
     return ", ".join(parts) or "-"
 
@@ -598,8 +598,8 @@ def indexer_table(rows: list[dict]) -> list[str]:
                     f"{r['dense_mismatching_queries']}{'*' if r['dense_vs'] != 'inductor' else ''}")
         lines.append(
             f"| {r['family']} | {r['length']} | {r['row']} | {r['ms']:.3f} | "
-            f"{_num(r.get('vs_inductor'), '.2f', 'x')}{star} | {_num(r.get('vs_chain'), '.2f', 'x')} "
-            f"| {recall} | {mismatch} | {r['peak_gib']:.2f} | "
+            f"{_num(r.get('vs_inductor'), '.2f', 'x')}{star} | "
+            f"{_num(r.get('vs_chain'), '.2f', 'x')} | {recall} | {mismatch} | {r['peak_gib']:.2f} | "
             f"{implementation_summary(r)} | {r['first_call_s']:.1f} |")
     return lines
 
@@ -615,7 +615,8 @@ def model_table(rows: list[dict]) -> list[str]:
             continue
         lines.append(
             f"{head} {r['ms']:.2f} | {r['per_layer_ms']:.2f} | "
-            f"{_num(r.get('vs_inductor'), '.2f', 'x')} | {_num(r.get('saved_per_layer_ms'), '.2f')} | "
+            f"{_num(r.get('vs_inductor'), '.2f', 'x')} | "
+            f"{_num(r.get('saved_per_layer_ms'), '.2f')} | "
             f"{_num(r.get('indexer_share'), '.0%')} | {r['peak_gib']:.2f} | "
             f"{implementation_summary(r)} |")
     return lines

@@ -45,15 +45,16 @@ class IndexerFamily:
     production: dict = field(default_factory=dict)   # fields set on top of the class defaults
 
     def modeling(self):
+        return self._import(f"modeling_{self.module}")
+
+    def _import(self, name: str):
         with _repository_kernels_hidden():
-            return importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+            return importlib.import_module(f"transformers.models.{self.module}.{name}")
 
     def config(self, smoke: bool, **fields: Any):
         """The family's config: class defaults (production sizes) plus `production`, or tiny sizes
         when `smoke`; always batch prefill with the sdpa attention (a bool mask)."""
-        with _repository_kernels_hidden():
-            configuration = importlib.import_module(
-                f"transformers.models.{self.module}.configuration_{self.module}")
+        configuration = self._import(f"configuration_{self.module}")
         sizes = dict(_SMOKE_SIZES) if smoke else {}
         config = getattr(configuration, self.config_class)(
             **dict(self.production, **sizes, use_cache=False, **fields))
