@@ -209,6 +209,8 @@ class MaskAlgebra:
         return _apply_map(value, index_map, in_shape, shape)
 
     def _broadcast(self, operand: Any, shape: tuple) -> Optional[Value]:
+        if isinstance(operand, Node) and ops.tensor_val(operand) is None:
+            operand = ops.val(operand)  # a symbolic int computed in the graph (sym_size, ...)
         if not isinstance(operand, Node):
             return _python_constant(operand, rank=len(shape))
         in_shape = ops.shape(operand)
@@ -447,6 +449,7 @@ def _arange(node: Node, value: torch.Tensor) -> Optional[Value]:
     else:
         start = node.args[0]
         step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+    start, step = ops.val(start), ops.val(step)  # symbolic ints arrive as graph nodes
     if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
                for x in (start, step)):
         return None

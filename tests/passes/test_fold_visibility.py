@@ -169,3 +169,25 @@ def test_constant_true_factors_fold_away_whatever_their_spelling():
 
     indices, report, _ = compile_with_rewrite(fn, tensors(queries, keys), ALL_HEADS)
     assert [r.visibility for r in report.rewritten] == ["causal"]
+
+
+def test_symbolic_cache_positions_ending_at_t_fold_into_causal_under_dynamic_shapes():
+    """Positions arange(past, past + S) with past = T - S: causal for every size, proven
+    symbolically (no recompile per length)."""
+    def fn(q, k, w):
+        queries, keys = q.shape[1], k.shape[1]
+        past = keys - queries
+        query_pos = torch.arange(past, past + queries)
+        visible = torch.arange(keys)[None, :] <= query_pos[:, None]
+        return indexer_scores(q, k, w).masked_fill(~visible, float("-inf")).topk(K).indices
+
+    misa_compile.backend.clear_reports()
+    compiled = torch.compile(fn, backend="misa", dynamic=True, fullgraph=True,
+                             options=dict(active_heads=H, block_size=2, target="aot_eager"))
+    for queries, keys in ((5, 7), (4, 11)):
+        q, k, w, _ = tensors(queries, keys)
+        with torch.no_grad():
+            indices = compiled(q, k, w)
+        check_selection(indices, indexer_scores(q, k, w).masked_fill(
+            ~visible_keys(queries, keys, keys - queries), float("-inf")))
+    assert [r.visibility for r in misa_compile.backend.last_report().rewritten] == ["causal"]
