@@ -276,3 +276,29 @@ def test_opcheck_with_a_broadcast_mask():
                           dict(causal=False, mask=mask))
     torch.library.opcheck(torch.ops.misa.route_heads.default, (q, k, w, 2),
                           dict(block_size=4, causal=False, mask=mask[None]))
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_rows_redone_by_torch_keep_their_mask(additive, monkeypatch):
+    # Every key equal: each row's scores tie, the candidate lists overflow, and the flagged rows
+    # are redone by the torch implementation, which must see those rows' mask.
+    q, k, w = make(1, 16, 300, 4, seed=24)
+    k[:] = k[0, :1]
+    # More visible keys (about 290) than a candidate list holds (256).
+    assert plan_selection(10, 300).capacity < 280
+    mask = make_mask(MASK_FORMS[0], 1, 16, 300, seed=25, keep=0.97)
+    if additive:
+        # 0 / -inf only: visible scores stay tied.
+        mask = torch.zeros(mask.shape).masked_fill(~mask, NEG_INF)
+    redone = []
+    original = torch_impl.dense_topk
+
+    def spy(*args, **kwargs):
+        redone.append(args[8])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch_impl, "dense_topk", spy)
+    values, indices = scored_topk(q, k, w, None, 10, 1.0, True, None, None, mask=mask)
+    assert redone and redone[0] is not None
+    scores = reference.dense_scores(q, k, w, mask=mask)
+    assert_same_selection(values, indices, scores, 10)
+    assert torch.isfinite(scores.gather(-1, indices)[torch.isfinite(values)]).all()
