@@ -7,7 +7,8 @@ most 2^30 mask entries), and (decode) dense / MISA over a paged key cache, over 
 PERFORMANCE.md; plus top-k alone against torch.topk. Prints one table last (card named) and
 writes the full JSON.
 
-    python bench/bench_indexer.py [--quick] [--only LABELS] [--no-torch] [--out FILE]
+    python bench/bench_indexer.py [--quick] [--only LABELS] [--variants NAMES] [--no-torch]
+                                  [--out FILE]
 
 Columns: ms (median, CUDA events), useful TFLOP/s (the FLOPs the variant's algorithm needs on
 visible pairs, over its time), speedup vs our dense kernel, recall of the dense selection, and
@@ -125,7 +126,7 @@ def rotating(inputs_list):
     return next_inputs
 
 
-def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
+def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, variants=None):
     copies = max(1, min(8, math.ceil(200 * 2 ** 20 / (batch * keys * 128 * 2))))
     sets = [make_inputs(batch, queries, keys, heads, seed=s) for s in range(copies)]
     pick = rotating(sets)
@@ -152,6 +153,8 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile):
     if run_compile:
         calls = {"compile": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE, compiled=True),
                  **{k: v for k, v in calls.items()}}
+    if variants is not None:
+        calls = {name: call for name, call in calls.items() if name.split(" ")[0] in variants}
     for name, call in calls.items():
         try:
             ms = time_call(call)
@@ -281,6 +284,9 @@ def main():
                         help="comma-separated labels (e.g. '8192x64K,decode 64x64K') to run")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the plain torch and torch.compile baselines")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to time (e.g. 'dense,misa'; their fp8, "
+                             "paged and mask rows come along)")
     parser.add_argument("--out", default="bench_indexer.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -294,7 +300,8 @@ def main():
             continue
         if args.no_torch:
             spec = spec[:5] + (False, False)
-        rows += bench_shape(*spec)
+        rows += bench_shape(*spec, variants=None if args.variants is None
+                            else {v.strip() for v in args.variants.split(",")})
         with open(args.out, "w") as fh:
             json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
     print(table(device, ceilings, rows, topk), flush=True)
