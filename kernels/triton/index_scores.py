@@ -109,8 +109,9 @@ def index_scores_kernel(
             scores = scores * k_scale[None, :]
         if MASK_KIND == 2:
             # Reloaded here rather than held in registers through the head loop (L2 hit).
-            _, bias = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :], visible,
-                                     stride_mb, stride_ms, stride_mt, MASK_KIND)
+            _still_visible, bias = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :],
+                                                  visible, stride_mb, stride_ms, stride_mt,
+                                                  MASK_KIND)
             scores = scores + bias
         # NaN never wins a selection: it ranks with the hidden keys.
         scores = tl.where(visible & (scores == scores), scores, float("-inf"))
