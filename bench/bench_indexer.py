@@ -1,11 +1,11 @@
 """Benchmark of the indexer variants on one CUDA card: plain torch (the Hugging Face
 formulation, chunked), torch.compile of it, our dense Triton kernel, MISA (h=8),
-MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scales, dense / MISA given the causal visibility
-as a mask tensor (causal=False plus a [B, 1, S, T] mask sliced [:, 0], bool as transformers
-builds it for sdpa, additive bf16 0 / finfo.min as for eager attention; prefill shapes with at
-most 2^30 mask entries), and (decode) dense / MISA over a paged key cache, over the shapes of
-PERFORMANCE.md; plus top-k alone against torch.topk. Prints one table last (card named) and
-writes the full JSON.
+MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scales, dense /
+MISA given the causal visibility as a mask tensor (causal=False plus a [B, 1, S, T] mask sliced
+[:, 0], bool as transformers builds it for sdpa, additive bf16 0 / finfo.min as for eager
+attention; prefill shapes with at most 2^30 mask entries), and (decode) dense / MISA over a
+paged key cache, over the shapes of PERFORMANCE.md; plus top-k alone against torch.topk. Prints
+one table last (card named) and writes the full JSON.
 
     python bench/bench_indexer.py [--quick] [--only LABELS] [--variants NAMES] [--no-torch]
                                   [--out FILE]
