@@ -326,9 +326,16 @@ class _Matcher:
         if len(hits) != 1 or (node.target in ops.DIVS and hits[0][0] is not node.args[0]):
             return None
         found, other = hits[0][1], hits[0][2]
-        if node.target in ops.MULS and self._is_python_scalar(other) \
-                and not any(m.kind == "additive" for m in found.masks):
-            found.runtime.append(other)
+        if node.target in ops.MULS and self._is_python_scalar(other):
+            if found.masks:
+                # c * masked(score): a negative c turns the hidden keys' -inf into +inf (they
+                # win) and c = 0 turns it into NaN, so no fold is exact for every c.
+                found.issues.insert(0, (R.UNKNOWN_SCALE, f"{_op(node)} multiplies the masked "
+                                        f"index score by {other.name}, a run-time Python "
+                                        "number: a negative or zero value would un-hide "
+                                        "masked keys"))
+            else:
+                found.runtime.append(other)
             return found
         found.issues.insert(0, (R.UNKNOWN_SCALE, f"{_op(node)} multiplies the index score by "
                                 f"{other.name}, a tensor of unknown sign"))

@@ -1,0 +1,86 @@
+"""The pass never changes a model's meaning: where the graph alone cannot prove that the rewrite
+equals eager for every run-time value (a Python float Dynamo passes as an input, a finite fill,
+a cast, a symbolic k_top, a parameter), the site is guarded, made exact, or refused.
+
+Each model here is compiled with backend="misa" and compared with eager after the run-time value
+changes; selections are compared by gathered scores (ties are unordered)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import misa_compile
+from misa_compile.passes import reasons
+
+from .test_rewrite_indexers import check_selection
+
+B, S, T, H, D, K = 2, 5, 7, 4, 8, 3
+OPTIONS = {"target": "aot_eager", "active_heads": H, "block_size": 2}
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, H, D, generator=g), torch.randn(B, T, D, generator=g),
+            torch.randn(B, S, H, generator=g))
+
+
+def _index(q, k, w):
+    return torch.einsum("bsht,bsh->bst", torch.einsum("bshd,btd->bsht", q, k).relu(), w)
+
+
+def _causal():
+    return torch.ones(S, T, dtype=torch.bool).tril(T - S)
+
+
+def _sites(report):
+    return [(r.status, r.reason) for r in report.sites]
+
+
+# --- a Python float attribute scales the score --------------------------------------------------
+
+class ScaledAfterMask(torch.nn.Module):
+    """c * masked(score): a negative c un-hides the masked keys (-inf becomes +inf), c = 0 makes
+    them NaN, so the selection depends on the sign of a number Dynamo passes at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = 0.5
+
+    def forward(self, q, k, w):
+        return (_index(q, k, w).masked_fill(~_causal(), float("-inf")) * self.c).topk(K).indices
+
+
+class ScaledBeforeMask(ScaledAfterMask):
+    """masked(c * score): exact for every c once c is folded into the weights."""
+
+    def forward(self, q, k, w):
+        return (_index(q, k, w) * self.c).masked_fill(~_causal(), float("-inf")).topk(K).indices
+
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_python_float_after_the_mask_is_never_folded_by_its_example_sign(dynamic):
+    q, k, w = _inputs()
+    model = ScaledAfterMask()
+    compiled = torch.compile(model, backend="misa", options=OPTIONS, dynamic=dynamic)
+    for c in (0.5, -0.5, 0.0):
+        model.c = c
+        with torch.no_grad():
+            got, expected = compiled(q, k, w), model(q, k, w)
+        # Hidden keys lead (c < 0) or are NaN (c = 0) in eager: the indices must be the same set.
+        assert torch.equal(got.sort(-1).values, expected.sort(-1).values), c
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.UNKNOWN_SCALE)], str(report)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_python_float_before_the_mask_is_folded_exactly_for_every_value(dynamic):
+    q, k, w = _inputs()
+    model = ScaledBeforeMask()
+    compiled = torch.compile(model, backend="misa", options=OPTIONS, dynamic=dynamic)
+    for c in (0.5, -0.5, 0.0):
+        model.c = c
+        with torch.no_grad():
+            got = compiled(q, k, w)
+        check_selection(got, (_index(q, k, w) * c).masked_fill(~_causal(), float("-inf")))
+        assert misa_compile.backend.last_report().rewritten, c
