@@ -1,6 +1,10 @@
 """misa-compile: run the DSA lightning indexers of any PyTorch model as MISA routed indexers."""
 from .config import MisaConfig
 from . import kernels  # noqa: F401  (registers torch.ops.misa.*)
+from . import kernels_shadow
+# Run from a checkout's root, the top-level name `kernels` would find the project's kernels/
+# folder, which breaks transformers' probe for Hugging Face's `kernels` package.
+kernels_shadow.install(kernels.__path__)
 from .kernels import indexer_topk
 # Imported eagerly: the function `export` shares its name with the module misa_compile.export,
 # and a lazy attribute would be shadowed by the module as soon as anything imported it.

@@ -6,10 +6,10 @@ transformers is imported only when a model is built, so the rest of misa-compile
 from __future__ import annotations
 
 import contextlib
-import os
+import difflib
+import inspect
 import sys
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -54,6 +54,7 @@ def build_tiny_causal_lm(config_name: str, model_name: str, factory: str, layers
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{factory}: {name}={value!r}; must be an int >= {minimum}")
     config_cls, model_cls = _import_model_classes(config_name, model_name)
+    _check_overrides(factory, config_cls, overrides)
     fields = dict(_TINY_CONFIG, num_hidden_layers=layers, index_n_heads=index_heads,
                   index_topk=index_topk)
     fields.update(overrides)
@@ -66,15 +67,38 @@ def build_tiny_causal_lm(config_name: str, model_name: str, factory: str, layers
     return model, input_ids
 
 
+# Accepted by every transformers config (PreTrainedConfig pops it from its keyword arguments)
+# though it is not a field: how MoE experts run, e.g. "batched_mm", which ONNX export needs.
+_CONFIG_KEYWORDS = ("experts_implementation",)
+_FACTORY_ARGUMENTS = ("layers", "index_heads", "index_topk", "seed", "sequence_length",
+                      "batch_size")
+
+
+def _check_overrides(factory: str, config_cls: type, overrides: dict[str, Any]) -> None:
+    """transformers configs keep unknown keyword arguments as attributes without a word, so a
+    misspelt factory argument (layer=4) would silently build the defaults: refuse it."""
+    fields = [name for name, parameter in inspect.signature(config_cls).parameters.items()
+              if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)]
+    valid = [*_FACTORY_ARGUMENTS, *_CONFIG_KEYWORDS, *fields]
+    unknown = [name for name in overrides if name not in valid]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"{factory}: unknown argument {', '.join(hints)}; valid: {', '.join(_FACTORY_ARGUMENTS)}, "
+        f"{', '.join(_CONFIG_KEYWORDS)}, or a {config_cls.__name__} field: {', '.join(fields)}")
+
+
 def _import_model_classes(config_name: str, model_name: str) -> tuple[type, type]:
+    # Importing misa_compile (this package's parent) already keeps the project's kernels/ folder
+    # from answering transformers' probe for the `kernels` package (misa_compile/kernels_shadow.py).
     try:
-        with _repository_kernels_hidden():
-            import transformers
-            from transformers.utils import import_utils
-            # Cached after this first call, which must see the real sys.path (see below).
-            import_utils.is_kernels_available()
-            config_cls = getattr(transformers, config_name)
-            model_cls = getattr(transformers, model_name)
+        import transformers
+        config_cls = getattr(transformers, config_name)
+        model_cls = getattr(transformers, model_name)
     except (ImportError, AttributeError) as error:
         version = getattr(sys.modules.get("transformers"), "__version__", "not installed")
         raise ImportError(
@@ -83,25 +107,6 @@ def _import_model_classes(config_name: str, model_name: str) -> tuple[type, type
     return config_cls, model_cls
 
 
-@contextlib.contextmanager
-def _repository_kernels_hidden() -> Iterator[None]:
-    """transformers probes for the optional `kernels` package (Hugging Face hub kernels) by
-    importing the name `kernels`. Run from the repository root (`python -m pytest`, `python -c`),
-    that name resolves to this project's own kernels/ source folder, which is only importable as
-    misa_compile.kernels, and transformers' import fails. Hide such sys.path entries while
-    transformers is imported; everything else on sys.path is untouched."""
-    from .. import kernels as own_kernels
-
-    own_dirs = {Path(path).resolve() for path in own_kernels.__path__ if os.path.isdir(path)}
-    shadowing = [entry for entry in sys.path
-                 if (Path(entry or os.getcwd()) / "kernels").resolve() in own_dirs]
-    if not shadowing:
-        yield
-        return
-    saved = list(sys.path)
-    sys.path[:] = [entry for entry in saved if entry not in shadowing]
-    try:
-        yield
-    finally:
-        added = [entry for entry in sys.path if entry not in saved]
-        sys.path[:] = saved + added
+# bench/hf_indexers.py still wraps its transformers imports in this; the import guard above makes
+# it unnecessary.
+_repository_kernels_hidden = contextlib.nullcontext

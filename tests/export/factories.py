@@ -18,3 +18,18 @@ def indexer_host(heads: int = 4, queries: int = 6, keys: int = 10):
 def model_without_inputs():
     """Wrong on purpose: a model alone, not (model, example_args)."""
     return torch.nn.Linear(2, 2)
+
+
+def hf_deepseek_v32(layers: int = 1, sequence_length: int = 8):
+    """transformers' DeepseekV32ForCausalLM built directly, as a user's own factory file kept in
+    the repository would: `import transformers` runs with the repository root on sys.path."""
+    import transformers
+
+    from misa_compile.models.deepseek_v32_tiny import _TINY_CONFIG
+
+    config = transformers.DeepseekV32Config(**dict(_TINY_CONFIG, num_hidden_layers=layers,
+                                                   index_n_heads=4, index_topk=4))
+    torch.manual_seed(0)
+    model = transformers.DeepseekV32ForCausalLM._from_config(
+        config, attn_implementation="eager").eval()
+    return model, torch.randint(0, config.vocab_size, (1, sequence_length))
