@@ -118,7 +118,10 @@ def scalar_value(x: Any, owner: Optional[torch.nn.Module] = None, depth: int = 0
     if not isinstance(x, Node) or depth > 8:
         return None
     if x.op == "get_attr":
-        tensor = _module_attr(owner if owner is not None else x.graph.owning_module, x.target)
+        module = owner if owner is not None else x.graph.owning_module
+        if _is_state(module, x.target):
+            return None  # a parameter or buffer can change after compile: not a constant
+        tensor = _module_attr(module, x.target)
         # Only small constants are read: a large one is data, not a scale or a fill value.
         if isinstance(tensor, torch.Tensor) and 1 <= tensor.numel() <= 4096 \
                 and not isinstance(tensor, torch._subclasses.FakeTensor):
@@ -144,6 +147,15 @@ def scalar_value(x: Any, owner: Optional[torch.nn.Module] = None, depth: int = 0
     if is_value_preserving(x) or target in CASTS:
         return scalar_value(x.args[0], owner, depth + 1)
     return None
+
+
+def _is_state(module: Optional[torch.nn.Module], target: str) -> bool:
+    """Whether `target` names a registered parameter or buffer of `module` (or a submodule)."""
+    *path, name = str(target).split(".")
+    parent = _module_attr(module, ".".join(path)) if path else module
+    if not isinstance(parent, torch.nn.Module):
+        return False
+    return name in parent._parameters or name in parent._buffers
 
 
 def _module_attr(module: Optional[torch.nn.Module], target: str):

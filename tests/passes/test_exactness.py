@@ -84,3 +84,35 @@ def test_a_python_float_before_the_mask_is_folded_exactly_for_every_value(dynami
             got = compiled(q, k, w)
         check_selection(got, (_index(q, k, w) * c).masked_fill(~_causal(), float("-inf")))
         assert misa_compile.backend.last_report().rewritten, c
+
+
+# --- a parameter whose values happen to be equal -----------------------------------------------
+
+class ParameterScale(torch.nn.Module):
+    """relu(q.k) * alpha with alpha a parameter: all its values are equal at compile time, but it
+    can be trained or loaded afterwards, so its value (and sign) is not a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.full((), 0.5))
+
+    def forward(self, q, k, w):
+        scores = torch.einsum("bshd,btd->bsht", q, k).relu() * self.alpha
+        index = torch.einsum("bsht,bsh->bst", scores, w)
+        return index.masked_fill(~_causal(), float("-inf")).topk(K).indices
+
+
+def test_a_parameter_with_equal_values_is_not_baked_in_as_a_constant():
+    from misa_compile import MisaConfig
+    from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
+
+    model = ParameterScale()
+    q, k, w = _inputs()
+    # An unlifted exported module reads its parameters with get_attr.
+    gm = torch.export.export(model, (q, k, w)).run_decompositions().module()
+    report = rewrite_indexer_sites(gm, MisaConfig(active_heads=H, block_size=2))
+    with torch.no_grad():
+        gm.alpha.fill_(-0.5)
+        model.alpha.fill_(-0.5)
+        assert torch.equal(gm(q, k, w).sort(-1).values, model(q, k, w).sort(-1).values)
+    assert _sites(report) == [("refused", reasons.UNKNOWN_SCALE)], str(report)
