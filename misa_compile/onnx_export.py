@@ -74,9 +74,10 @@ def to_onnx(model_or_program: Union[torch.nn.Module, ExportedProgram, MisaExport
             custom_translation_table=translation_table(custom_domain),
             opset_version=opset_version)
     except Exception as error:  # the exporter's own error types vary between torch versions
+        cause = _first_line(_root_cause(error))
         raise OnnxExportError(
-            f"to_onnx: torch.onnx.export could not translate the program: "
-            f"{_first_line(_root_cause(error))}") from error
+            f"to_onnx: torch.onnx.export could not translate the program: {cause}"
+            f"{_known_fix(cause)}") from error
     if path is not None:
         onnx_program.save(os.fspath(path))
     return onnx_program.model_proto
@@ -199,6 +200,21 @@ def _site_name(node: torch.fx.Node) -> str:
     from .passes.find_indexers import site_name
 
     return site_name(node)
+
+
+# transformers' MoE experts run, by default, its own custom op for grouped matmuls, which has no
+# ONNX translation; its "batched_mm" experts are plain batched matmuls.
+_GROUPED_MM_FIX = (
+    "\nthe model's MoE experts run transformers' grouped_mm op, which ONNX cannot express: call "
+    "model.set_experts_implementation(\"batched_mm\") (or build the model with "
+    "experts_implementation=\"batched_mm\", e.g. tiny_deepseek_v32(..., "
+    "experts_implementation=\"batched_mm\"); `misa export`: --factory-arg "
+    "experts_implementation=batched_mm), then export again")
+
+
+def _known_fix(cause: str) -> str:
+    """What the user can do about a translation failure whose cause is known, else ""."""
+    return _GROUPED_MM_FIX if "grouped_mm" in cause else ""
 
 
 def _root_cause(error: BaseException) -> BaseException:

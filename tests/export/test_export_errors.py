@@ -174,3 +174,20 @@ def test_load_says_which_module_registers_an_output_type(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     with pytest.raises(LoadError, match=r"exportoutputs\.Selection .*import exportoutputs"):
         misa_compile.load(path)
+
+
+def test_onnx_of_a_moe_model_with_grouped_mm_experts_names_the_batched_mm_fix():
+    """The README's export snippet: the tiny model's MoE experts default to transformers'
+    grouped_mm op, which has no ONNX translation; the error says how to switch them."""
+    from misa_compile.models import tiny_deepseek_v32
+    from misa_compile.onnx_export import OnnxExportError
+
+    model, input_ids = tiny_deepseek_v32(layers=2, index_heads=4, index_topk=4,
+                                         sequence_length=8)
+    result = misa_compile.export(model, (input_ids,), config=MisaConfig(active_heads=2))
+    with pytest.raises(OnnxExportError) as caught:
+        misa_compile.to_onnx(result)
+    message = str(caught.value)
+    assert "grouped_mm" in message
+    assert 'model.set_experts_implementation("batched_mm")' in message
+    assert "--factory-arg experts_implementation=batched_mm" in message
