@@ -21,6 +21,7 @@ from typing import Collection, Optional, Union
 
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import MisaConfig
 from ..kernels.coverage import variant_fallback_reason
@@ -73,6 +74,9 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
         config.check_site(site.heads, k_check)
     except ValueError as error:
         return _refused(site.name, R.CONFIG_MISMATCH, str(error), site)
+    k_top_issue = _k_top_issue(k_top, config)
+    if k_top_issue:
+        return _refused(site.name, R.CONFIG_MISMATCH, k_top_issue, site)
     if config.context_parallel:
         refusal = _context_parallel_refusal(site, config)
         if refusal:
@@ -110,6 +114,27 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
                       visibility=visibility.form,
                       active_heads=config.active_heads if routed else site.heads,
                       runs=where_it_runs(site, variant, config))
+
+
+def _k_top_issue(k_top, config: MisaConfig) -> str:
+    """Why the variant's candidate set may hold fewer than k_top keys ("" if it never does).
+    misa_hier re-ranks `candidates` keys and HISA `hisa_blocks * hisa_block`; fewer than k_top
+    would pad the selection with -inf where eager selects real keys. A symbolic k_top must be
+    provably within the bound for every run-time value, not only at its example value."""
+    if config.variant == "misa_hier":
+        bound, what = config.candidates, f"candidates={config.candidates}"
+    elif config.variant == "hisa":
+        bound = config.hisa_blocks * config.hisa_block
+        what = f"hisa_blocks * hisa_block = {config.hisa_blocks} * {config.hisa_block}"
+    else:
+        return ""
+    value = k_top if isinstance(k_top, int) else ops.val(k_top)
+    if isinstance(value, int):
+        return "" if value <= bound else f"{what} < k_top={value}: too few candidate keys"
+    if statically_known_true(value <= bound):
+        return ""
+    return (f"k_top={value} is symbolic and not provably <= {what}: at run time it could "
+            "exceed the candidate keys")
 
 
 def where_it_runs(site: IndexerSite, variant: str, config: MisaConfig) -> str:

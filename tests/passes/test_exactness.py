@@ -116,3 +116,43 @@ def test_a_parameter_with_equal_values_is_not_baked_in_as_a_constant():
         model.alpha.fill_(-0.5)
         assert torch.equal(gm(q, k, w).sort(-1).values, model(q, k, w).sort(-1).values)
     assert _sites(report) == [("refused", reasons.UNKNOWN_SCALE)], str(report)
+
+
+# --- k_top against the candidate sets of misa_hier and HISA --------------------------------------
+
+def _half_the_keys(q, k, w):
+    """k_top = T // 2: symbolic under dynamic shapes, so its example value proves nothing."""
+    index = _index(q, k, w).masked_fill(~torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
+                                        .tril(k.shape[1] - q.shape[1]), float("-inf"))
+    return index.topk(k.shape[1] // 2)
+
+
+def _check_half_the_keys(got, q, k, w):
+    keys = k.shape[1]
+    dense = _index(q, k, w).masked_fill(
+        ~torch.ones(q.shape[1], keys, dtype=torch.bool).tril(keys - q.shape[1]), float("-inf"))
+    ranked = dense.sort(-1, descending=True).values[..., :keys // 2]
+    torch.testing.assert_close(got.values.sort(-1, descending=True).values, ranked)
+
+
+def test_a_symbolic_k_top_beyond_the_misa_hier_candidates_is_refused():
+    options = dict(OPTIONS, variant="misa_hier", candidates=4)
+    compiled = torch.compile(_half_the_keys, backend="misa", options=options, dynamic=True)
+    for keys in (7, 16):  # k_top = 3 (within the 4 candidates), then 8
+        g = torch.Generator().manual_seed(keys)
+        q, k, w = (torch.randn(B, S, H, D, generator=g), torch.randn(B, keys, D, generator=g),
+                   torch.randn(B, S, H, generator=g))
+        with torch.no_grad():
+            _check_half_the_keys(compiled(q, k, w), q, k, w)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.CONFIG_MISMATCH)], str(report)
+
+
+def test_hisa_with_fewer_candidate_keys_than_k_top_is_refused():
+    options = dict(OPTIONS, variant="hisa", hisa_block=1, hisa_blocks=2)
+    q, k, w = _inputs()
+    with torch.no_grad():
+        got = torch.compile(_half_the_keys, backend="misa", options=options)(q, k, w)
+    _check_half_the_keys(got, q, k, w)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.CONFIG_MISMATCH)], str(report)
