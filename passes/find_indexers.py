@@ -213,10 +213,13 @@ def _match_topk(topk: Node, python_scalars: frozenset) -> Optional[Match]:
         return matcher.refusal(refusal.reason, refusal.detail)
     except _NotAnIndexer:
         return None
-    except Exception:  # noqa: BLE001  (an unforeseen graph must never break the user's compile)
-        logger.warning("misa: could not analyse %s; it is left untouched", topk.name,
-                       exc_info=True)
-        return None
+    except Exception as error:  # noqa: BLE001  (an unforeseen graph must never break the compile)
+        # One line for the user; the traceback only for whoever debugs the pass.
+        logger.warning("misa: could not analyse %s (%s: %s); it is left untouched",
+                       topk.name, type(error).__name__, error)
+        logger.debug("misa: traceback of the failed analysis of %s", topk.name, exc_info=True)
+        return matcher.refusal(R.INTERNAL_ERROR, f"the analysis failed: "
+                               f"{type(error).__name__}: {error}")
 
 
 class _NotAnIndexer(Exception):

@@ -48,9 +48,10 @@ class GraphBuilder:
         return node
 
     def undo(self) -> None:
+        """Removes every node created so far. Only created nodes may use them (the rewrite moves
+        the original users last), so erasing newest first leaves the graph as it was."""
         for node in reversed(self.created):
-            if not node.users:
-                self.graph.erase_node(node)
+            self.graph.erase_node(node)
         self.created.clear()
 
 

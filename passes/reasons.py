@@ -13,6 +13,7 @@ UNKNOWN_MASK = "unknown_mask"
 SCORES_USED_ELSEWHERE = "scores_used_elsewhere"
 UNSUPPORTED_LAYOUT = "unsupported_layout"
 CONFIG_MISMATCH = "config_mismatch"
+INTERNAL_ERROR = "internal_error"
 
 DESCRIPTIONS = {
     NEGATIVE_SCALE: "a negative factor scales the score (it reverses the ranking)",
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     SCORES_USED_ELSEWHERE: "the dense scores have other users, so they cannot be removed",
     UNSUPPORTED_LAYOUT: "a layout or operation the rewrite does not handle",
     CONFIG_MISMATCH: "the configuration does not fit this indexer",
+    INTERNAL_ERROR: "the pass failed unexpectedly on this site and left it untouched",
 }
 
 CODES = tuple(DESCRIPTIONS)

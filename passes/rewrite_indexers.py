@@ -98,9 +98,10 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
                         f"{error}", site)
     except Exception as error:  # noqa: BLE001  (a failed rewrite must leave the site as it was)
         builder.undo()
-        logger.warning("misa: rewriting %s failed; it is left untouched", site.name,
-                       exc_info=True)
-        return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"the rewrite failed: "
+        logger.warning("misa: rewriting %s failed (%s: %s); it is left untouched", site.name,
+                       type(error).__name__, error)
+        logger.debug("misa: traceback of the failed rewrite of %s", site.name, exc_info=True)
+        return _refused(site.name, R.INTERNAL_ERROR, f"the rewrite failed: "
                         f"{type(error).__name__}: {error}", site)
     runtime = "".join(f" x {node.name}" for node, _ in site.runtime_factors)
     detail = (f"q={site.q.source.node.name} k={site.k.source.node.name} "
@@ -187,21 +188,29 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
     new_sizes = {new_key: site.k_top}
     canonical = [b, s, new_key]
     outputs = ops.getitem_users(site.topk)
+    # Every new node is built before the first use moves: a failure up to here leaves the new
+    # nodes unused, and undo() removes them all, so a site is rewritten entirely or not at all.
+    moves = []
     if outputs.get(0):
         result = arrange.from_canonical(values, canonical, out_dims, new_sizes)
         if site.dtype != torch.float32:
             result = builder.call(aten._to_copy.default, result, dtype=site.dtype)
-        for user in outputs[0]:
-            user.replace_all_uses_with(result)
+        moves += [(user, result) for user in outputs[0]]
     if outputs.get(1):
         result = arrange.from_canonical(indices, canonical, out_dims, new_sizes)
-        for user in outputs[1]:
-            user.replace_all_uses_with(result)
+        moves += [(user, result) for user in outputs[1]]
+    _commit(builder.graph, site, moves)
+
+
+def _commit(graph: Graph, site: IndexerSite, moves: list[tuple[Node, Node]]) -> None:
+    """Hands the top-k's users to the new results; nothing here can fail halfway."""
+    for user, result in moves:
+        user.replace_all_uses_with(result)
     # Metadata assertions are side-effecting, so dead-code elimination keeps them, and with them
     # the dense scores they check: drop them with the site.
     for node in site.interior:
         for check in [u for u in node.users if u.target in ops.METADATA_CHECKS]:
-            builder.graph.erase_node(check)
+            graph.erase_node(check)
 
 
 def _context_parallel_refusal(site: IndexerSite, config: MisaConfig) -> str:

@@ -6,12 +6,17 @@ Each model here is compiled with backend="misa" and compared with eager after th
 changes; selections are compared by gathered scores (ties are unordered)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import misa_compile
-from misa_compile.passes import reasons
+from misa_compile import MisaConfig
+from misa_compile.passes import find_indexers, graph_builder, reasons
+from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
 
+from .test_find_indexers import aten_graph
 from .test_rewrite_indexers import check_selection
 
 B, S, T, H, D, K = 2, 5, 7, 4, 8, 3
@@ -103,8 +108,6 @@ class ParameterScale(torch.nn.Module):
 
 
 def test_a_parameter_with_equal_values_is_not_baked_in_as_a_constant():
-    from misa_compile import MisaConfig
-    from misa_compile.passes.rewrite_indexers import rewrite_indexer_sites
 
     model = ParameterScale()
     q, k, w = _inputs()
@@ -156,3 +159,50 @@ def test_hisa_with_fewer_candidate_keys_than_k_top_is_refused():
     _check_half_the_keys(got, q, k, w)
     report = misa_compile.backend.last_report()
     assert _sites(report) == [("refused", reasons.CONFIG_MISMATCH)], str(report)
+
+
+# --- failures inside the pass ---------------------------------------------------------------------
+
+def _values_and_indices(q, k, w):
+    values, indices = _index(q, k, w).masked_fill(~_causal(), float("-inf")).topk(K)
+    return values * 2, indices
+
+
+def test_a_rewrite_that_fails_after_building_half_its_outputs_restores_the_graph(monkeypatch):
+
+    q, k, w = _inputs()
+    gm = aten_graph(_values_and_indices, q, k, w)
+    before = gm.print_readable(print_output=False)
+    original = graph_builder.Arranger.from_canonical
+    calls = []
+
+    def second_call_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the values are in place, the indices fail
+            raise RuntimeError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graph_builder.Arranger, "from_canonical", second_call_fails)
+    report = rewrite_indexer_sites(gm, MisaConfig(active_heads=H, block_size=2))
+    assert _sites(report) == [("refused", reasons.INTERNAL_ERROR)], str(report)
+    assert gm.print_readable(print_output=False) == before
+
+
+def test_an_analysis_failure_is_reported_and_logs_its_traceback_at_debug_only(monkeypatch,
+                                                                                caplog):
+
+    def broken(self, *args, **kwargs):
+        raise ZeroDivisionError("injected")
+
+    q, k, w = _inputs()
+    gm = aten_graph(_values_and_indices, q, k, w)
+    before = gm.print_readable(print_output=False)
+    monkeypatch.setattr(find_indexers._Matcher, "_prove", broken)
+    with caplog.at_level(logging.DEBUG, logger="misa_compile"):
+        report = rewrite_indexer_sites(gm, MisaConfig(active_heads=H, block_size=2))
+    assert _sites(report) == [("refused", reasons.INTERNAL_ERROR)], str(report)
+    assert "ZeroDivisionError: injected" in report.sites[0].detail
+    assert gm.print_readable(print_output=False) == before
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert loud and all(r.exc_info is None for r in loud)
+    assert any(r.exc_info and r.levelno == logging.DEBUG for r in caplog.records)
