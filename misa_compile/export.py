@@ -27,6 +27,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .config import MisaConfig
+from .unapplied import warn_unapplied
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,7 +62,9 @@ def export(model: torch.nn.Module, args: Any, kwargs: Optional[dict] = None, *,
            strict: bool = False) -> MisaExport:
     """Exports `model` called with `args` (a tensor or a tuple) and `kwargs`, with every DSA
     indexer site rewritten as `config` says. `dynamic_shapes` and `strict` are passed to
-    torch.export.export unchanged. Raises ExportError when torch.export cannot capture the model."""
+    torch.export.export unchanged. Raises ExportError when torch.export cannot capture the model;
+    warns (misa_compile.unapplied.UnappliedSettingWarning) when a site was refused because `config`
+    does not fit it, or no indexer was rewritten."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"misa_compile.export: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -78,7 +81,9 @@ def export(model: torch.nn.Module, args: Any, kwargs: Optional[dict] = None, *,
             f"{_leading_lines(error, 6)}\n(the full torch.export error is chained below)") \
             from error
     program = program.run_decompositions()
-    return _rewrite(program, config)
+    result = _rewrite(program, config)
+    warn_unapplied(result.report, whole_model=True)
+    return result
 
 
 def _rewrite(program: ExportedProgram, config: MisaConfig) -> MisaExport:

@@ -27,33 +27,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"candidates {QUICK.candidates}, HISA block {QUICK.hisa_block} "
                              "(every key-count knob scaled like the context)")
     parser.add_argument("--lengths", type=int, nargs="+", metavar="T",
-                        help=f"context lengths (default {list(FULL.lengths)})")
+                        help=f"context lengths (default {list(FULL.lengths)}, --quick "
+                             f"{list(QUICK.lengths)})")
     parser.add_argument("--heads", type=int, nargs="+", metavar="h",
                         help=f"active heads h of the MISA variants (default "
                              f"{list(FULL.active_heads)}; h > H is skipped)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
                         help=f"variants to compare with dense, from {list(VARIANTS)} (default all)")
-    parser.add_argument("--out", default="reports/eval", metavar="DIR",
-                        help="report folder (default reports/eval)")
+    parser.add_argument("--out", default="reports/eval", metavar="DIR", help="report folder")
     parser.add_argument("--device", default=None,
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=None, help="workload seed (default 0)")
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"workload seed (default {FULL.seed})")
     parser.add_argument("--index-heads", type=int, metavar="H",
                         help=f"indexer heads H of the synthetic workloads (default "
                              f"{FULL.index_heads})")
     parser.add_argument("--head-dim", type=int, metavar="D",
                         help=f"indexer head dim D (default {FULL.head_dim})")
+
+    def preset(field: str) -> str:
+        full, quick = getattr(FULL, field), getattr(QUICK, field)
+        return f"default {full}" + (f", --quick {quick}" if quick != full else "")
+
     parser.add_argument("--queries", type=int, metavar="S",
-                        help="queries at the end of each synthetic context")
-    parser.add_argument("--k-top", type=int, help="keys each query selects")
-    parser.add_argument("--layers", type=int, help="synthetic layers (seeds) per length")
-    parser.add_argument("--block-size", type=int, help="MISA router block")
-    parser.add_argument("--candidates", type=int, help="MISA-hier candidates")
-    parser.add_argument("--hisa-block", type=int, help="HISA block size")
-    parser.add_argument("--hisa-blocks", type=int, help="HISA blocks kept")
+                        help=f"queries at the end of each synthetic context ({preset('queries')})")
+    parser.add_argument("--k-top", type=int,
+                        help=f"keys each query selects ({preset('k_top')}); recall is n/a "
+                             "where k_top >= T (every key is selected)")
+    parser.add_argument("--layers", type=int,
+                        help=f"synthetic layers (seeds) per length ({preset('layers')})")
+    parser.add_argument("--block-size", type=int,
+                        help=f"MISA router block ({preset('block_size')})")
+    parser.add_argument("--candidates", type=int,
+                        help=f"MISA-hier candidates ({preset('candidates')})")
+    parser.add_argument("--hisa-block", type=int, help=f"HISA block size ({preset('hisa_block')})")
+    parser.add_argument("--hisa-blocks", type=int,
+                        help=f"HISA blocks kept ({preset('hisa_blocks')})")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the synthetic q, k, w (compute is fp32)")
-    parser.add_argument("--repeats", type=int, help="timed calls per variant (median)")
+                        help=f"dtype of the synthetic q, k, w, compute is fp32 "
+                             f"({preset('dtype')})")
+    parser.add_argument("--repeats", type=int,
+                        help=f"timed calls per variant and layer, after one untimed call; the "
+                             f"tables show their median and the report their min and max "
+                             f"({preset('repeats')})")
     parser.add_argument("--no-needle", action="store_true", help="skip the needle heatmap")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -91,17 +107,24 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from misa_compile.commands.checks import (UsageError, available_device, readable_file,
+                                              writable_folder)
+    from misa_compile.eval.capture import sidecar_path
     from misa_compile.eval.report import terminal_tables, write_report
     from misa_compile.eval.runner import run_evaluation
 
     try:
         settings = settings_from_args(args)
     except ValueError as error:
-        print(f"misa eval: {error}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UsageError(str(error)) from error
+    device = available_device(args.device)
+    writable_folder(args.out, "--out")
+    if args.captured:
+        captured = readable_file(args.captured, "--captured")
+        sidecar = sidecar_path(captured)
+        if not sidecar.is_file():
+            raise UsageError(f"--captured {args.captured}: its JSON sidecar {sidecar} is missing "
+                             "(save_sites writes both)")
     report = run_evaluation(settings, device=device, captured=args.captured,
                             needle=not args.no_needle,
                             progress=not args.no_progress and sys.stderr.isatty())

@@ -15,21 +15,20 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import inspect
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
+from misa_compile.commands.checks import UsageError, writable_file
 from misa_compile.config import ROUTERS, VARIANTS
 
 # Command-line option -> MisaConfig field.
 _CONFIG_OPTIONS = {"variant": "variant", "active_heads": "active_heads",
                    "block_size": "block_size", "candidates": "candidates",
                    "hisa_block": "hisa_block", "hisa_blocks": "hisa_blocks", "router": "router"}
-
-
-class UsageError(ValueError):
-    """A bad command line: reported with exit status 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,38 +62,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of standard operators")
     parser.add_argument("--topk-limit", type=int, metavar="K",
                         help="ONNX: refuse sites whose TopK needs k > K (3840 for TensorRT)")
+    parser.add_argument("--allow-refused", action="store_true",
+                        help="write the files even when the settings did not apply everywhere "
+                             "(a site refused for config_mismatch, or no indexer rewritten); "
+                             "without it that is an error, exit status 1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if not args.out and not args.onnx:
-            raise UsageError("give --out FILE.pt2, --onnx FILE.onnx or both")
-        config = config_from_args(args)
-        factory = load_factory(args.factory)
-        factory_kwargs = parse_factory_args(args.factory_arg)
-        if args.topk_limit is not None and args.topk_limit < 1:
-            raise UsageError(f"--topk-limit={args.topk_limit}: must be >= 1")
-    except UsageError as error:
-        print(f"misa export: {error}", file=sys.stderr)
-        return 2
+    """Checks every argument (UsageError, raised to the command line's handler), then exports."""
+    if not args.out and not args.onnx:
+        raise UsageError("give --out FILE.pt2, --onnx FILE.onnx or both")
+    if args.out:
+        writable_file(args.out, "--out", ".pt2", "a torch.export program (for ONNX use --onnx)")
+    if args.onnx:
+        writable_file(args.onnx, "--onnx", ".onnx", "an ONNX model")
+    if args.out and args.onnx and os.path.abspath(args.out) == os.path.abspath(args.onnx):
+        raise UsageError("--out and --onnx name the same file")
+    config = config_from_args(args)
+    factory = load_factory(args.factory)
+    factory_kwargs = parse_factory_args(args.factory_arg)
+    check_factory_kwargs(factory, factory_kwargs, args.factory)
+    if args.topk_limit is not None and args.topk_limit < 1:
+        raise UsageError(f"--topk-limit={args.topk_limit}: must be >= 1")
     from misa_compile.export import ExportError
     from misa_compile.onnx_export import OnnxExportError, UnsupportedOnnxSite
 
     try:
         return _export(args, config, factory, factory_kwargs)
-    except UsageError as error:
-        print(f"misa export: {error}", file=sys.stderr)
-        return 2
-    except (ExportError, OnnxExportError, UnsupportedOnnxSite) as error:
+    except (ExportError, OnnxExportError, UnsupportedOnnxSite, FactoryError) as error:
+        # Their messages are written for the user, sometimes over several lines.
         print(f"misa export: {error}", file=sys.stderr)
         return 1
+
+
+class FactoryError(RuntimeError):
+    """The factory raised while building the model."""
 
 
 def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str, Any]) -> int:
     from tqdm import tqdm
 
     import misa_compile
+    from misa_compile.unapplied import UnappliedSettingWarning, unapplied_settings
 
     stages = ["build the model", "export and rewrite"]
     stages += ["save " + args.out] if args.out else []
@@ -107,9 +117,20 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
         progress.update()
         progress.set_postfix_str(stages[1])
         dynamic_shapes = dynamic_axes(example_args) if args.dynamic else None
-        result = misa_compile.export(model, example_args, config=config,
-                                     dynamic_shapes=dynamic_shapes)
+        with warnings.catch_warnings():
+            # Reported below, as an error unless --allow-refused.
+            warnings.simplefilter("ignore", UnappliedSettingWarning)
+            result = misa_compile.export(model, example_args, config=config,
+                                         dynamic_shapes=dynamic_shapes)
         progress.update()
+        unapplied = unapplied_settings(result.report, whole_model=True)
+        if unapplied and not args.allow_refused:
+            progress.close()
+            print(result.report)
+            print("misa export: the requested settings did not apply, nothing was written "
+                  "(--allow-refused writes the files anyway):\n  " + "\n  ".join(unapplied),
+                  file=sys.stderr)
+            return 1
         if args.out:
             progress.set_postfix_str("save " + args.out)
             result.save(args.out)
@@ -120,6 +141,8 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
                                  topk_limit=args.topk_limit)
             progress.update()
     print(result.report)
+    for line in unapplied:
+        print(f"misa export: warning: {line}", file=sys.stderr)
     print("program inputs: " + ", ".join(input_shapes(result.program)))
     for path in (args.out, args.onnx):
         if path:
@@ -172,6 +195,22 @@ def parse_factory_args(items: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def check_factory_kwargs(factory, kwargs: dict[str, Any], spec: str) -> None:
+    """Refuses --factory-arg names the factory does not take, naming those it does (a factory
+    with **kwargs checks its own, when called)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: let the call decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [name for name in kwargs if name not in valid]
+    if unknown:
+        raise UsageError(f"--factory-arg {', '.join(unknown)}: {spec} takes no such argument; "
+                         f"it takes: {', '.join(valid) or 'none'}")
+
+
 def call_factory(factory, kwargs: dict[str, Any], spec: str):
     """(model, example_args as a tuple) from the factory, checked."""
     import torch
@@ -180,6 +219,8 @@ def call_factory(factory, kwargs: dict[str, Any], spec: str):
         made = factory(**kwargs)
     except TypeError as error:
         raise UsageError(f"{spec}: calling it with {kwargs} failed: {error}") from error
+    except Exception as error:  # the user's code: any failure, said in one line
+        raise FactoryError(f"{spec} raised {type(error).__name__}: {error}") from error
     if not isinstance(made, (tuple, list)) or len(made) != 2:
         raise UsageError(f"{spec} must return (model, example_args), got "
                          f"{type(made).__name__}")

@@ -33,3 +33,8 @@ def hf_deepseek_v32(layers: int = 1, sequence_length: int = 8):
     model = transformers.DeepseekV32ForCausalLM._from_config(
         config, attn_implementation="eager").eval()
     return model, torch.randint(0, config.vocab_size, (1, sequence_length))
+
+
+def factory_that_raises(size: int = 3):
+    """A factory whose own code fails, as a user's may."""
+    raise ValueError(f"size={size} is not supported by this model")
