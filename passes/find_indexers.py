@@ -728,8 +728,7 @@ class _Matcher:
             code = R.REDUCTION_NOT_OVER_HEADS if len(q_own) == 1 else R.UNSUPPORTED_LAYOUT
             raise R.SiteRefused(code, f"the shared operand varies along {len(k_own)} axes "
                                 "besides the contracted one; a key varies only along the keys")
-        order = space.flat(q.source.dims)
-        if order.index(head) + 1 != order.index(dim):
+        if not _head_right_before_dim(space, q, head, dim):
             raise R.SiteRefused(R.REDUCTION_NOT_OVER_HEADS, "the summed axis is not the query's "
                                 "head axis (the axis right before D in [.., S, H, D])")
         queries = [x for x in q_own if x != head]
@@ -792,6 +791,18 @@ class _Matcher:
 
 
 # --- small helpers --------------------------------------------------------------------------
+
+def _head_right_before_dim(space: LabelSpace, q: Operand, head: int, dim: int) -> bool:
+    """Whether q is laid out [.., S, H, D] (the summed axis right before D) as the contraction
+    reads it or anywhere on its way there. Heads-first code (RoPE on [B,H,S,D], then transposed
+    back, as DeepSeek-V4 does) still hands the contraction [.., S, H, D]; looking only at the
+    source would take the query axis for the heads."""
+    for link in q.links:
+        order = space.flat(link.dims)
+        if head in order and dim in order and order.index(head) + 1 == order.index(dim):
+            return True
+    return False
+
 
 def _scalar_step(node: Node) -> Optional[tuple[Optional[float], Node]]:
     """For x*c, c*x, x/c and -x with a constant c: (factor, x). The factor is None when c is

@@ -1,0 +1,58 @@
+"""Every lightning-indexer model family of the installed transformers, built tiny and compiled
+whole with backend="misa": each layer's indexer is rewritten; with active heads = all heads the
+logits equal eager's, with one active head they differ (so the misa ops are seen running)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import misa_compile
+from misa_compile.models import tiny_deepseek_v4, tiny_deepseek_v32, tiny_glm_moe_dsa
+
+LAYERS, HEADS = 2, 8
+
+# factory, index_topk (below the keys each query sees, so the indexer really prunes), whether the
+# model takes a padding attention_mask
+FAMILIES = {
+    "deepseek_v32": (tiny_deepseek_v32, 8, True),
+    "glm_moe_dsa": (tiny_glm_moe_dsa, 8, True),
+    "deepseek_v4": (tiny_deepseek_v4, 4, False),
+}
+
+
+def _model_inputs(family: str):
+    factory, topk, padded = FAMILIES[family]
+    try:
+        model, input_ids = factory(layers=LAYERS, index_heads=HEADS, index_topk=topk,
+                                   sequence_length=24, batch_size=2)
+    except ImportError as error:  # a family newer than the installed transformers
+        pytest.skip(str(error))
+    inputs = dict(input_ids=input_ids)
+    if padded:
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, :5] = 0  # the second prompt left-padded
+        inputs["attention_mask"] = attention_mask
+    return model, inputs, topk
+
+
+def _compiled_logits(model, inputs, active_heads):
+    torch._dynamo.reset()
+    options = dict(variant="misa", active_heads=active_heads, block_size=4, target="aot_eager")
+    with torch.no_grad():
+        logits = torch.compile(model, backend="misa", options=options)(**inputs).logits
+    return logits, misa_compile.backend.last_report()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_indexer_family_is_rewritten_and_equals_eager_with_all_heads(family):
+    model, inputs, topk = _model_inputs(family)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    logits, report = _compiled_logits(model, inputs, HEADS)
+    assert [(r.status, r.heads, r.k_top) for r in report.sites] \
+        == [("rewritten", HEADS, topk)] * LAYERS, str(report)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    routed, report = _compiled_logits(model, inputs, 1)
+    assert len(report.rewritten) == LAYERS, str(report)
+    assert not torch.allclose(routed, expected, rtol=1e-4, atol=1e-4), \
+        "one active head selected what all heads select: the routed op did not run"
