@@ -104,26 +104,57 @@ def _rewrite(program: ExportedProgram, config: MisaConfig) -> MisaExport:
 
 
 def load(path: PathLike) -> ExportedProgram:
-    """torch.export.load with the misa ops registered. When loading fails, torch raises a generic
-    "error when deserializing" RuntimeError and only logs the cause; this raises LoadError with
-    the cause instead: the custom ops nobody registered (saved by another misa_compile version, or
-    with another library's ops), or the input/output type whose module must be imported first."""
+    """torch.export.load with the misa ops registered. Every failure raises LoadError naming the
+    file and what is wrong with it: missing, empty, not a .pt2 archive, damaged (a member fails its
+    checksum, say), the custom ops nobody registered (saved by another misa_compile version, or
+    with another library's ops), or the input/output type whose module must be imported first.
+    torch.export.load itself raises a generic "error when deserializing" RuntimeError (or worse, a
+    UnicodeDecodeError) and logs its traceback as a warning; that log is kept off the console."""
     from . import kernels  # noqa: F401  (registers torch.ops.misa.*)
 
+    problem = unreadable_archive(path)
+    if problem:
+        raise LoadError(f"misa_compile.load: cannot load {os.fspath(path)}: {problem}")
     causes = _LoggedErrors()
     torch_export_log = logging.getLogger("torch.export")
+    propagates = torch_export_log.propagate
     torch_export_log.addHandler(causes)
+    torch_export_log.propagate = False
     try:
         return torch.export.load(path)
-    except RuntimeError as error:
+    except Exception as error:  # torch raises many types for one meaning: "cannot load this"
         missing = unresolved_ops(path)
         if missing:
             raise LoadError(_missing_ops_message(path, missing)) from error
         if causes.errors:
             raise LoadError(_load_failure_message(path, causes.errors[-1])) from causes.errors[-1]
-        raise
+        raise LoadError(f"misa_compile.load: cannot load {os.fspath(path)}: "
+                        f"{type(error).__name__}: {_first_line(error)}; the file is damaged or "
+                        "was not written by torch.export.save") from error
     finally:
         torch_export_log.removeHandler(causes)
+        torch_export_log.propagate = propagates
+
+
+def unreadable_archive(path: PathLike) -> str:
+    """What makes `path` unreadable as a torch.export archive (a zip file), or "" if nothing."""
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "it is a folder, not a .pt2 file"
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return ("not a torch.export archive (a .pt2 file is a zip archive written by "
+                "torch.export.save; this one is not)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError) as error:
+        return f"the archive is damaged ({_first_line(error)})"
+    if damaged is not None:
+        return f"the archive is damaged: its member {damaged} fails its checksum"
+    return ""
 
 
 class _LoggedErrors(logging.Handler):
@@ -149,7 +180,8 @@ def _load_failure_message(path: PathLike, error: BaseException) -> str:
         return (f"misa_compile.load: {os.fspath(path)} passes {type_path} in or out of the "
                 f"program; that type is known to torch once its module is imported: import "
                 f"{module} before loading")
-    return f"misa_compile.load: cannot load {os.fspath(path)}: {_first_line(error)}"
+    return (f"misa_compile.load: cannot load {os.fspath(path)}: {_first_line(error)}; the file "
+            "is damaged or was not written by torch.export.save")
 
 
 def unresolved_ops(path: PathLike) -> list[str]:
