@@ -3,13 +3,24 @@ whole with backend="misa": each layer's indexer is rewritten; with active heads 
 logits equal eager's, with one active head they differ (so the misa ops are seen running)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import misa_compile
 from misa_compile.models import tiny_deepseek_v4, tiny_deepseek_v32, tiny_glm_moe_dsa
+from misa_compile.models.deepseek_v32_tiny import build_tiny_causal_lm
 
 LAYERS, HEADS = 2, 8
+
+
+def _tiny(config_name: str, model_name: str, *, layers, index_heads, index_topk,
+          sequence_length, batch_size, **overrides):
+    """A family whose config takes DeepSeek-V3.2's field names, at tiny_deepseek_v32's sizes."""
+    return build_tiny_causal_lm(config_name, model_name, model_name, layers, index_heads,
+                                index_topk, 0, sequence_length, batch_size, overrides)
+
 
 # factory, index_topk (below the keys each query sees, so the indexer really prunes), whether the
 # model takes a padding attention_mask
@@ -17,6 +28,10 @@ FAMILIES = {
     "deepseek_v32": (tiny_deepseek_v32, 8, True),
     "glm_moe_dsa": (tiny_glm_moe_dsa, 8, True),
     "deepseek_v4": (tiny_deepseek_v4, 4, False),
+    "axk2": (functools.partial(_tiny, "AXK2Config", "AXK2ForCausalLM"), 8, True),
+    # Its default special token ids lie outside the tiny vocabulary.
+    "hy_v4": (functools.partial(_tiny, "HYV4Config", "HYV4ForCausalLM", pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2), 8, True),
 }
 
 
