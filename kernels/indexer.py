@@ -9,6 +9,8 @@ from torch import Tensor
 
 from ..config import MisaConfig
 
+INT64_MAX = 2 ** 63 - 1
+
 
 def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, config: MisaConfig = MisaConfig(), *,
                  scale: float = 1.0, causal: bool = True, key_start: Optional[Tensor] = None,
@@ -17,6 +19,17 @@ def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, config: MisaConfig
                  ) -> tuple[Tensor, Tensor]:
     """Top-k keys per query as selected by `config.variant`; see ops.py for the arguments
     (q_scale / k_scale dequantize FP8 q / k and reach every op of the chain)."""
+    if not isinstance(config, MisaConfig):
+        raise TypeError(f"indexer_topk: config must be a MisaConfig (e.g. MisaConfig(variant="
+                        f"\"misa\", active_heads=8)), got {type(config).__name__}")
+    # A torch.SymInt (under torch.compile) passes; the ops bound it themselves.
+    if isinstance(k_top, bool) or not isinstance(k_top, (int, torch.SymInt)):
+        raise TypeError(f"indexer_topk: k_top must be an int, got {type(k_top).__name__}")
+    if isinstance(k_top, int) and not 1 <= k_top <= INT64_MAX:
+        # The ops' k_top is an int64: the dispatcher would refuse a larger value with a message
+        # about types. Any k_top >= T selects every key, so there is no need for more.
+        raise ValueError(f"indexer_topk: k_top={k_top}; allowed range is [1, 2**63 - 1] (the ops "
+                         "take an int64; min(k_top, T) keys are selected)")
     ops = torch.ops.misa
     config.check_site(q.shape[2], k_top)
     vis = dict(causal=causal, key_start=key_start, key_end=key_end, mask=mask)

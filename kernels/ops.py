@@ -176,7 +176,8 @@ def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
                     mask: Optional[Tensor] = None, chunk: int = 0,
                     q_scale: Optional[Tensor] = None, k_scale: Optional[Tensor] = None) -> Tensor:
     """HISA's block filter: key indices of the first and last visible block plus the top blocks
-    by all-head signed block score; int64 [B,S,min(m, ceil(T/block))*block], -1 past T."""
+    by all-head signed block score; int64 [B,S,min(min(m, ceil(T/block))*block, T)], -1 past T.
+    When the m blocks are all ceil(T/block) blocks, the ids are every key 0..T-1 in order."""
     check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask,
                          causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
     check_positive_int("misa.hisa_candidates", "block_size", block_size)
@@ -190,6 +191,8 @@ def _(q, k, w, block_size=128, num_blocks=64, causal=True, key_start=None, key_e
       mask=None, chunk=0, q_scale=None, k_scale=None):
     check_same_device("misa.hisa_candidates", q, k=k, w=w, key_start=key_start, key_end=key_end,
                       mask=mask, q_scale=q_scale, k_scale=k_scale)
-    total_blocks = (k.shape[1] + block_size - 1) // block_size
-    width = torch.sym_min(num_blocks, total_blocks) * block_size
+    keys = k.shape[1]
+    total_blocks = (keys + block_size - 1) // block_size
+    # Every key when all blocks are kept (torch_impl.every_key_kept), never more than T ids.
+    width = torch.sym_min(torch.sym_min(num_blocks, total_blocks) * block_size, keys)
     return q.new_empty((q.shape[0], q.shape[1], width), dtype=torch.int64)

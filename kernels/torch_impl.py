@@ -153,10 +153,14 @@ def rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, m
 
 def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk,
                     q_scale=None, k_scale=None):
-    """Key indices [B, S, min(m, nb) * block] of the kept blocks; -1 past the last key."""
-    q, k = dequantize(q, k, q_scale, k_scale)
-    batch, queries, heads, _ = q.shape
+    """Key indices [B, S, min(min(m, nb) * block, T)] of the kept blocks; -1 past the last key.
+    When the m blocks are all nb blocks, every key: 0..T-1 (see every_key_kept)."""
+    batch, queries = q.shape[:2]
     keys = k.shape[1]
+    if every_key_kept(keys, block_size, num_blocks):
+        return all_key_ids(batch, queries, keys, q.device)
+    q, k = dequantize(q, k, q_scale, k_scale)
+    heads = q.shape[2]
     kbar = pooled_keys(k, block_size)
     total_blocks = kbar.shape[1]
     kept = min(num_blocks, total_blocks)
@@ -174,6 +178,18 @@ def hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end,
         key_ids = (chosen[..., None] * block_size + offsets).flatten(-2)
         out[:, rows] = torch.where(key_ids < keys, key_ids, -1)
     return out
+
+
+def every_key_kept(keys: int, block_size: int, num_blocks: int) -> bool:
+    """HISA keeps every block when num_blocks >= ceil(T / block_size): its candidates are then
+    all T keys whatever the scores, and listing them block by block would size the output by the
+    block (block_size=10**9 with T=10 would ask for 10**9 ids per query)."""
+    return num_blocks * block_size >= keys
+
+
+def all_key_ids(batch: int, queries: int, keys: int, device) -> torch.Tensor:
+    """int64 [B, S, T]: every key id, in order, for every query."""
+    return torch.arange(keys, device=device).expand(batch, queries, keys).contiguous()
 
 
 def force_first_and_last_blocks(beta, blocks_visible):

@@ -326,8 +326,14 @@ def rerank_topk(q, k, w, candidates, k_top: int, scale: float = 1.0, causal: boo
 def hisa_candidates(q, k, w, block_size: int = 128, num_blocks: int = 64, causal: bool = True,
                     key_start=None, key_end=None, mask=None, chunk: int = 0, q_scale=None,
                     k_scale=None):
-    k32 = _real(k, k_scale)
     keys = _size(k, 1)
+    static_keys = _static_size(k, 1)
+    if static_keys is not None and num_blocks * block_size >= static_keys:
+        # Every block is kept, so every key is a candidate, as the op returns it
+        # (kernels/torch_impl.every_key_kept): no scores, and no ids sized by the block.
+        ids = op.Reshape(op.Range(_int(0), keys, _int(1)), _ints(1, 1, -1))
+        return op.Expand(ids, op.Concat(op.Shape(q, start=0, end=2), _as_1d(keys), axis=0))
+    k32 = _real(k, k_scale)
     total_blocks = _num_blocks(keys, block_size)
     per_block = _block_scores(_real(q, q_scale), k32, keys, total_blocks, block_size)
     beta = _nan_to_num(_sum_heads(_f32(w), per_block))  # [B,S,nb]
@@ -338,7 +344,6 @@ def hisa_candidates(q, k, w, block_size: int = 128, num_blocks: int = 64, causal
         beta = _force_first_and_last_blocks(beta, blocks_visible, total_blocks)
     else:
         beta = _force_first_and_last_blocks(beta, None, total_blocks)
-    static_keys = _static_size(k, 1)
     static_blocks = None if static_keys is None else -(-static_keys // block_size)
     _, chosen = _top_slots(beta, num_blocks, total_blocks, static_blocks)
     offsets = op.Range(_int(0), _int(block_size), _int(1))

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..torch_impl import force_first_and_last_blocks
+from ..torch_impl import all_key_ids, every_key_kept, force_first_and_last_blocks
 from .block_visibility import block_visibility
 from .candidate_topk import MAX_ROW, candidate_topk
 from .common import next_pow2
@@ -27,12 +27,15 @@ def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_siz
                     key_end: Optional[torch.Tensor], chunk: int = 0,
                     k_scale: Optional[torch.Tensor] = None,
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 [B, S, min(m, ceil(T/block)) * block] key ids of each query's kept blocks. k_scale
+    """int64 [B, S, min(min(m, ceil(T/block)) * block, T)] key ids of each query's kept blocks
+    (every key, in order, when the m blocks are all of them: torch_impl.every_key_kept). k_scale
     [B, T] dequantizes FP8 keys before pooling (the pooled keys are real values); a per-query
     scale is the caller's to fold into w. `mask`: bool or additive, broadcastable to [B, S, T]."""
     batch, queries = q.shape[:2]
     T = k.shape[1]
     device = q.device
+    if every_key_kept(T, block_size, num_blocks):
+        return all_key_ids(batch, queries, T, device)
     # Block means are only a filter: 16-bit operands (the query's dtype; bf16 beside an FP8
     # query, which the dot upcasts exactly) keep it on the matrix units.
     kbar_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype

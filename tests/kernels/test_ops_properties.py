@@ -58,9 +58,14 @@ def _assert_selection_shape(values, indices, problem):
 
 def assert_hisa_candidates(candidates, problem, block, num_blocks):
     """Candidates are whole kept blocks (ids past T as -1), and the kept blocks are the first and
-    last visible block plus a top set of the signed block scores (ties unspecified)."""
+    last visible block plus a top set of the signed block scores (ties unspecified); when every
+    block is kept, the candidates are every key in order."""
     total = math.ceil(problem.keys / block)
     kept = min(num_blocks, total)
+    if kept == total:  # every block kept: every key, in order
+        expected = torch.arange(problem.keys).expand(problem.batch, problem.queries, -1)
+        assert torch.equal(candidates, expected)
+        return
     assert candidates.shape == (problem.batch, problem.queries, kept * block)
     groups = candidates.view(problem.batch, problem.queries, kept, block)
     blocks = groups[..., 0] // block
