@@ -83,6 +83,7 @@ class Mask:
     invert: bool = False  # bool masks: the operand marks hidden keys
     factor: float = 1.0   # additive masks: the bias is multiplied by it (-1 for a subtraction,
     #                       times the positive scales applied after the bias was added)
+    fill: float = float("-inf")  # bool masks: the value hidden scores are replaced by
 
 
 @dataclass
@@ -394,7 +395,7 @@ class _Matcher:
             found.issues.insert(0, (R.UNKNOWN_MASK, f"{_op(node)} has a non-boolean condition"))
             return found
         operand = self._follow(condition, _broadcast_dims(dims, condition), negations=True)
-        found.masks.append(Mask("bool", operand, invert=hidden_when))
+        found.masks.append(Mask("bool", operand, invert=hidden_when, fill=fill_value))
         return found
 
     def _report_unknown_op(self, node: Node) -> None:
@@ -777,9 +778,17 @@ class _Matcher:
                 raise R.SiteRefused(R.SCORES_USED_ELSEWHERE, f"{node.name} (dense scores) is "
                                     f"also used by {', '.join(others)}")
         try:
-            ops.getitem_users(self.topk)
+            outputs = ops.getitem_users(self.topk)
         except LayoutError as error:
             raise R.SiteRefused(R.UNSUPPORTED_LAYOUT, str(error)) from None
+        finite = [m for m in outer.masks if m.kind == "additive" or m.fill != float("-inf")]
+        if outputs.get(0) and finite:
+            # The ops report a hidden key's value as -inf; eager reports the model's finite
+            # fill (or score + bias), and a row with fewer visible keys than k_top hands those
+            # on (a softmax over them is uniform in eager and NaN after a rewrite).
+            raise R.SiteRefused(R.UNKNOWN_MASK, "the top-k values are used and the mask hides "
+                                "keys with a finite value, not -inf; the rewrite would report "
+                                "-inf for them")
         scale = branch.scale_below * branch.scale_above * outer.reduction.scale * outer.scale
         operands = [q, k] + outer.weights + [m.operand for m in outer.masks]
         return IndexerSite(

@@ -206,3 +206,53 @@ def test_an_analysis_failure_is_reported_and_logs_its_traceback_at_debug_only(mo
     loud = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert loud and all(r.exc_info is None for r in loud)
     assert any(r.exc_info and r.levelno == logging.DEBUG for r in caplog.records)
+
+
+# --- finite fills ------------------------------------------------------------------------------
+
+class SoftmaxOverSelected(torch.nn.Module):
+    """Attention over the selected keys, weighted by their index scores: a padding row (no
+    visible key) is uniform in eager, where the fill is finite; with -inf it would be NaN."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, w, visible):
+        values, indices = _index(q, k, w).masked_fill(~visible, self.fill).topk(K)
+        return values.softmax(-1), indices
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e30])
+def test_used_top_k_values_of_a_finite_fill_keep_eager_semantics(fill):
+    q, k, w = _inputs()
+    visible = _causal().expand(B, S, T).clone()
+    visible[1, :2] = False  # padding rows: no visible key at all
+    model = SoftmaxOverSelected(fill)
+    with torch.no_grad():
+        expected, _ = model(q, k, w, visible)
+        got, _ = torch.compile(model, backend="misa", options=OPTIONS)(q, k, w, visible)
+    assert not expected.isnan().any()
+    torch.testing.assert_close(got, expected)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.UNKNOWN_MASK)], str(report)
+
+
+# --- casts -------------------------------------------------------------------------------------
+
+def _bf16_rounded_q(q, k, w):
+    """q rounded to bf16 after a merge of (batch, query): the rewrite reads q from before the
+    reshape (its layout is simpler) and must keep the rounding the contraction saw."""
+    rows = q.reshape(B * S, H, D).to(torch.bfloat16).float()
+    keys = k[:, None].expand(B, S, T, D).reshape(B * S, T, D)
+    scores = torch.bmm(rows, keys.transpose(1, 2)).view(B, S, H, T).relu()
+    return (scores * w[..., None]).sum(2).topk(K)
+
+
+def test_a_rounding_cast_on_an_operand_is_kept_by_the_rewrite():
+    q, k, w = _inputs()
+    with torch.no_grad():
+        expected = _bf16_rounded_q(q, k, w)
+        got = torch.compile(_bf16_rounded_q, backend="misa", options=OPTIONS)(q, k, w)
+    assert misa_compile.backend.last_report().rewritten
+    torch.testing.assert_close(got.values, expected.values, rtol=1e-6, atol=1e-6)
