@@ -165,11 +165,16 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
 
     arrange = Arranger(builder, space, size_of)
     b, s, h, d, t = site.batch, site.query, site.head, site.dim, site.key
-    q = _as_op_dtype(builder, arrange.to_canonical(*_picked(site, site.q), [b, s, h, d]))
-    k = _as_op_dtype(builder, arrange.to_canonical(*_picked(site, site.k), [b, t, d]))
+    def operand(op, layout):
+        link = op.pick(space)
+        node = arrange.to_canonical(link.node, link.dims, layout)
+        return _skipped_casts(builder, node, op, link)
+
+    q = _as_op_dtype(builder, operand(site.q, [b, s, h, d]))
+    k = _as_op_dtype(builder, operand(site.k, [b, t, d]))
     w = None
     for weight in site.weights:
-        factor = arrange.to_canonical(*_picked(site, weight), [b, s, h])
+        factor = operand(weight, [b, s, h])
         w = factor if w is None else builder.call(aten.mul.Tensor, w, factor)
     for factor, where in site.runtime_factors:
         if where == "below":
@@ -343,9 +348,18 @@ def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite,
     return bias
 
 
-def _picked(site: IndexerSite, operand):
-    link = operand.pick(site.space)
-    return link.node, link.dims
+def _skipped_casts(builder: GraphBuilder, node: Node, operand, link) -> Node:
+    """Re-applies, in order, the float casts between the picked link and the consumer: the link
+    may sit below them (its layout is simpler) but their rounding (fp32 -> bf16 -> fp32) is part
+    of what the contraction reads. Casts are elementwise, so they commute with the rearranging."""
+    chain = operand.links
+    below = next(i for i, candidate in enumerate(chain) if candidate is link)
+    for current in reversed(chain[:below]):
+        if current.node.target in ops.CASTS:
+            dtype = ops.val(current.node).dtype
+            if ops.val(current.node.args[0]).dtype != dtype:
+                node = builder.call(aten._to_copy.default, node, dtype=dtype)
+    return node
 
 
 def _size_or_one(size_of, label: Optional[int]):
