@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from misa_compile.models.deepseek_v32_tiny import _repository_kernels_hidden
+import misa_compile  # noqa: F401  (keeps the repository's kernels/ from shadowing HF's)
 
 # DeepSeek-V3.2's published config: rope_scaling {"type": "yarn", "factor": 40,
 # "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
@@ -48,8 +48,7 @@ class IndexerFamily:
         return self._import(f"modeling_{self.module}")
 
     def _import(self, name: str):
-        with _repository_kernels_hidden():
-            return importlib.import_module(f"transformers.models.{self.module}.{name}")
+        return importlib.import_module(f"transformers.models.{self.module}.{name}")
 
     def config(self, smoke: bool, **fields: Any):
         """The family's config: class defaults (production sizes) plus `production`, or tiny sizes
@@ -73,8 +72,7 @@ GLM_MOE_DSA = IndexerFamily("GLM-5 (GLM-MoE-DSA)", "glm_moe_dsa", "GlmMoeDsaConf
 
 
 def transformers_version() -> str:
-    with _repository_kernels_hidden():
-        import transformers
+    import transformers
     return transformers.__version__
 
 
@@ -97,8 +95,7 @@ class IndexerPrefill(nn.Module):
     def __init__(self, family: IndexerFamily, config):
         super().__init__()
         modeling = family.modeling()
-        with _repository_kernels_hidden():
-            from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import create_causal_mask
         self._create_causal_mask = create_causal_mask
         self.config = config
         self.rotary_emb = getattr(modeling, family.rotary_class)(config)

@@ -5,7 +5,6 @@ unrelated top-ks. Small enough to compile on two CPU cores in seconds.
 transformers is imported only when a model is built, so the rest of misa-compile works without it."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import sys
@@ -106,7 +105,3 @@ def _import_model_classes(config_name: str, model_name: str) -> tuple[type, type
             "pip install 'transformers>=5.17'") from error
     return config_cls, model_cls
 
-
-# bench/hf_indexers.py still wraps its transformers imports in this; the import guard above makes
-# it unnecessary.
-_repository_kernels_hidden = contextlib.nullcontext
