@@ -68,6 +68,7 @@ def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig, *,
 
 
 def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRecord:
+    config = config.for_site(site.name)  # the site's own settings (MisaConfig.sites), if any
     k_top = site.k_top
     k_check = k_top if isinstance(k_top, int) else size_hint(ops.val(k_top))
     try:
