@@ -16,6 +16,7 @@ from misa_compile.commands.checks import UsageError
 SUBCOMMANDS = {
     "eval": "measure selection quality (recall, IoU, needle heatmaps) of MISA variants",
     "export": "export a model with its indexers rewritten, as a torch.export program or ONNX",
+    "tune": "choose per indexer site the cheapest MISA setting that keeps a recall target",
 }
 
 

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it)")
     parser.add_argument("--onnx", metavar="FILE.onnx",
                         help="write an ONNX model; misa ops become standard ONNX operators")
+    parser.add_argument("--config", metavar="FILE.json",
+                        help="MisaConfig fields as a JSON object, per-site settings included "
+                             "(e.g. the tuned.json of misa tune); the options below override "
+                             "its model-wide fields")
     parser.add_argument("--variant", choices=VARIANTS, default=None,
                         help="what each indexer becomes (default misa)")
     parser.add_argument("--active-heads", type=int, metavar="h", help="MISA heads per query")
@@ -123,7 +127,9 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
             result = misa_compile.export(model, example_args, config=config,
                                          dynamic_shapes=dynamic_shapes)
         progress.update()
-        unapplied = unapplied_settings(result.report, whole_model=True)
+        unapplied = unapplied_settings(result.report, whole_model=True) + [
+            f"sites[{selector!r}] of the config matches no indexer site"
+            for selector in config.unmatched_selectors(site.name for site in result.report.sites)]
         if unapplied and not args.allow_refused:
             progress.close()
             print(result.report)
@@ -151,17 +157,45 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
 
 
 def config_from_args(args: argparse.Namespace):
+    import dataclasses
+
     from misa_compile.config import MisaConfig
 
+    base = config_from_file(args.config) if getattr(args, "config", None) else MisaConfig()
     fields = {field: getattr(args, option) for option, field in _CONFIG_OPTIONS.items()
               if getattr(args, option) is not None}
     try:
-        return MisaConfig(**fields)
+        return dataclasses.replace(base, **fields)
     except (TypeError, ValueError) as error:
         # MisaConfig names its field; the user typed the option.
         raise UsageError(re.sub(r"MisaConfig\.(\w+)",
                                 lambda m: "--" + m.group(1).replace("_", "-"),
                                 str(error))) from error
+
+
+def config_from_file(path: str):
+    """The MisaConfig a JSON file holds (a flat object of MisaConfig fields, as
+    torch.compile's options= takes); UsageError naming the file for anything else."""
+    import json
+
+    from misa_compile.commands.checks import readable_file
+    from misa_compile.config import MisaConfig
+
+    try:
+        options = json.loads(readable_file(path, "--config").read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--config {path}: not valid JSON: {error}") from error
+    if not isinstance(options, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of MisaConfig fields, got "
+                         f"{type(options).__name__}")
+    try:
+        config, rest = MisaConfig.from_options(options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--config {path}: {error}") from error
+    if rest:
+        raise UsageError(f"--config {path}: unknown field(s) {sorted(rest)}; allowed: the "
+                         "MisaConfig fields")
+    return config
 
 
 def load_factory(spec: str):
