@@ -781,14 +781,14 @@ class _Matcher:
             outputs = ops.getitem_users(self.topk)
         except LayoutError as error:
             raise R.SiteRefused(R.UNSUPPORTED_LAYOUT, str(error)) from None
-        finite = [m for m in outer.masks if m.kind == "additive" or m.fill != float("-inf")]
+        finite = [m.fill for m in outer.masks if m.kind == "bool" and m.fill != float("-inf")]
         if outputs.get(0) and finite:
             # The ops report a hidden key's value as -inf; eager reports the model's finite
-            # fill (or score + bias), and a row with fewer visible keys than k_top hands those
-            # on (a softmax over them is uniform in eager and NaN after a rewrite).
-            raise R.SiteRefused(R.UNKNOWN_MASK, "the top-k values are used and the mask hides "
-                                "keys with a finite value, not -inf; the rewrite would report "
-                                "-inf for them")
+            # fill, and a row with fewer visible keys than k_top hands it on (a softmax over
+            # those values is uniform in eager and NaN after a rewrite).
+            raise R.SiteRefused(R.UNKNOWN_MASK, f"the top-k values are used and the mask fills "
+                                f"hidden keys with {finite[0]:g}, not -inf; the rewrite would "
+                                "report -inf for them")
         scale = branch.scale_below * branch.scale_above * outer.reduction.scale * outer.scale
         operands = [q, k] + outer.weights + [m.operand for m in outer.masks]
         return IndexerSite(
