@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from misa_compile.config import site_layer_index
 from misa_compile.eval.heatmap_png import BACKGROUND, INK, _text
 
 # Distinct line colours, cycled when there are more sites.
@@ -47,7 +48,7 @@ def save_tune_plot(path: str | Path, sites: Sequence, target: float, metric: str
         draw.line([(x0 - 4, y_of(value)), (x0, y_of(value))], fill=INK)
         _text(draw, (x0 - 6, y_of(value)), f"{value:.2f}", font, anchor="rm")
     _text(draw, ((x0 + x1) / 2, HEIGHT - 14), "active heads h (MISA)", font, anchor="mm")
-    _text(draw, (x0, 12), f"recall of dense ({metric}, tuning queries); ring: chosen", font,
+    _text(draw, (x0, 12), f"recall of dense ({metric}, tuning queries); ring (square: MISA-hier): chosen", font,
           anchor="lm")
     for x in range(int(x0), int(x1), 8):
         draw.line([(x, y_of(target)), (x + 4, y_of(target))], fill=INK)
@@ -60,9 +61,11 @@ def save_tune_plot(path: str | Path, sites: Sequence, target: float, metric: str
         for x, y in xy:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
         chosen = site.chosen
-        if chosen.variant == "misa" and not math.isnan(chosen.tune_recall):
+        if chosen.variant != "dense" and not math.isnan(chosen.tune_recall):
             x, y = x_of(chosen.active_heads), y_of(chosen.tune_recall)
-            draw.ellipse((x - 6, y - 6, x + 6, y + 6), outline=color, width=2)
+            # A ring on the MISA line; a square, off the line, for a MISA-hier choice.
+            shape = draw.ellipse if chosen.variant == "misa" else draw.rectangle
+            shape((x - 6, y - 6, x + 6, y + 6), outline=color, width=2)
         legend_y = y0 + 14 * index
         draw.line([(x1 + 12, legend_y), (x1 + 28, legend_y)], fill=color, width=2)
         _text(draw, (x1 + 32, legend_y), f"{_short(site.name)}: {chosen.label}", font,
@@ -73,5 +76,9 @@ def save_tune_plot(path: str | Path, sites: Sequence, target: float, metric: str
     return path
 
 
-def _short(name: str, width: int = 18) -> str:
+def _short(name: str, width: int = 14) -> str:
+    """"layer 3" for a site in a layer stack, else the name's end."""
+    layer = site_layer_index(name)
+    if layer is not None:
+        return f"layer {layer}" + ("" if name.endswith(":topk") else f" {name.rsplit(':', 1)[-1]}")
     return name if len(name) <= width else "…" + name[-(width - 1):]
