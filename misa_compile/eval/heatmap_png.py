@@ -1,5 +1,6 @@
 """Heatmap images drawn with Pillow alone: one panel per variant, cells coloured from red (0) via
-yellow to green (1), tick labels, axis titles and a colour legend in PIL's default font.
+yellow to green (1) and labelled with their value where the text fits, tick labels, axis titles
+and a colour legend in PIL's default font.
 
 The geometry is fixed by the grid's size (HeatmapLayout), not by the text, so the image size is
 known in advance and a cell's centre can be located in the saved file."""
@@ -13,6 +14,43 @@ from typing import Sequence
 RED, YELLOW, GREEN = (215, 48, 39), (254, 224, 139), (26, 152, 80)
 MISSING = (190, 190, 190)
 BACKGROUND, INK, GRID_LINE = (255, 255, 255), (30, 30, 30), (255, 255, 255)
+LIGHT_INK = (255, 255, 255)   # cell labels on fills too dark for INK
+LABEL_MARGIN = 2              # free pixels a cell label keeps from the cell's edges
+
+
+def cell_text(value: float) -> str:
+    """A cell's label: the value with two decimals, n/a for a missing (NaN) value."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def label_ink(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """INK or LIGHT_INK, whichever contrasts more with `fill` (WCAG contrast ratio), so a label
+    stays readable on the dark red and green ends of the scale as on the yellow middle."""
+    return max((INK, LIGHT_INK), key=lambda ink: _contrast(ink, fill))
+
+
+def label_origin(text_size: tuple[int, int], box: tuple[int, int, int, int]):
+    """Top-left corner that centres text of `text_size` (w, h) in the cell `box` (x0, y0, x1, y1
+    inclusive), or None when the text and its margin do not fit: a clipped or crowded number
+    is worse than none, and the colour still tells the value."""
+    width, height = text_size
+    x0, y0, x1, y1 = box
+    room_w, room_h = x1 - x0 + 1 - 2 * LABEL_MARGIN, y1 - y0 + 1 - 2 * LABEL_MARGIN
+    if width > room_w or height > room_h:
+        return None
+    return x0 + LABEL_MARGIN + (room_w - width) // 2, y0 + LABEL_MARGIN + (room_h - height) // 2
+
+
+def draw_cell_label(draw, font, box: tuple[int, int, int, int], value: float) -> bool:
+    """Writes `value` in the cell `box` when it fits; returns whether it did."""
+    text = cell_text(value)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    origin = label_origin((right - left, bottom - top), box)
+    if origin is None:
+        return False
+    draw.text((origin[0] - left, origin[1] - top), text, fill=label_ink(value_color(value)),
+              font=font)
+    return True
 
 
 def value_color(value: float) -> tuple[int, int, int]:
@@ -85,8 +123,9 @@ def render_heatmap(panels: Sequence[tuple[str, Sequence[Sequence[float]]]],
         _text(draw, (x0 + layout.panel_w // 2, y0 - 18), name, font, anchor="ma")
         for r in range(rows):
             for c in range(cols):
-                draw.rectangle(layout.cell_box(index, r, c), fill=value_color(grid[r][c]),
-                               outline=GRID_LINE)
+                box = layout.cell_box(index, r, c)
+                draw.rectangle(box, fill=value_color(grid[r][c]), outline=GRID_LINE)
+                draw_cell_label(draw, font, box, grid[r][c])
         for c, label in enumerate(col_labels):
             cx = x0 + c * layout.cell_w + layout.cell_w // 2
             _text(draw, (cx, y0 + layout.panel_h + 4), label, font, anchor="ma")
@@ -116,6 +155,18 @@ def _legend(draw, layout: HeatmapLayout, plot_right: int, font) -> None:
     draw.rectangle((x0, y0, x0 + 14, y0 + height - 1), outline=INK)
     _text(draw, (x0 + 20, y0), "1 found", font, anchor="lt")
     _text(draw, (x0 + 20, y0 + height - 1), "0 missed", font, anchor="lb")
+
+
+def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    lighter, darker = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    """WCAG relative luminance of an sRGB colour."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+              for c in (channel / 255 for channel in rgb)]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
 
 
 def _text(draw, xy, text: str, font, anchor: str) -> None:
