@@ -67,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"dtype of the synthetic q, k, w, compute is fp32 "
                              f"({preset('dtype')})")
     parser.add_argument("--repeats", type=int,
-                        help=f"timed calls per variant and layer, after one untimed call; the "
-                             f"tables show their median and the report their min and max "
-                             f"({preset('repeats')})")
+                        help=f"timed calls per variant and layer, after one untimed warm-up "
+                             f"call; the tables show the median (min-max) of the calls of all "
+                             f"layers, 0 times the warm-up call alone ({preset('repeats')})")
     parser.add_argument("--no-needle", action="store_true", help="skip the needle heatmap")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -23,6 +23,56 @@ def fmt_ms(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
+def fmt_timing(timing: dict) -> str:
+    """"median (min-max)" of a result's timed calls; the median alone when there is one call."""
+    if not timing["timed_calls"]:
+        return "n/a"
+    median = fmt_ms(timing["ms_median"])
+    if timing["timed_calls"] == 1:
+        return median
+    return f"{median} ({fmt_ms(timing['ms_min'])}-{fmt_ms(timing['ms_max'])})"
+
+
+def timing_method(settings: dict) -> str:
+    """How the times were taken, for the captions of the time tables."""
+    repeats = settings["repeats"]
+    if repeats == 0:
+        return "the first call of each layer or site, warm-up included (an upper bound)"
+    return (f"{repeats} timed call{'s' if repeats > 1 else ''} per layer or site after an "
+            "untimed warm-up call")
+
+
+# Recall and IoU are means over the queries that see more than k_top keys; where there are none,
+# every variant selects every visible key, and the tables say so instead of a bare n/a.
+UNDEFINED_RECALL = ("n/a: recall and IoU are undefined at {where}: {why}, so every variant "
+                    "selects every visible key and there is nothing to compare ({remedy})")
+
+
+def synthetic_undefined_note(report: dict) -> Optional[str]:
+    """The n/a footnote of the synthetic tables, naming the lengths T <= k_top."""
+    k_top = report["settings"]["k_top"]
+    lengths = [str(row["keys"]) for row in report["synthetic"]["rows"]
+               if all(layer["dense"]["queries"] == 0 for layer in row["layers"])]
+    if not lengths:
+        return None
+    return UNDEFINED_RECALL.format(
+        where=f"T = {', '.join(lengths)}",
+        why=f"k_top = {k_top} is at least the T keys a query can see",
+        remedy="a --k-top below T or longer --lengths give numbers")
+
+
+def captured_undefined_note(report: dict) -> Optional[str]:
+    """The n/a footnote of the captured tables, naming the sites whose queries all see at most
+    the site's k_top keys (a prompt shorter than the model's k_top)."""
+    sites = [site["site"] for site in report["captured"]["sites"]
+             if site["results"]["dense"]["queries"] == 0]
+    if not sites:
+        return None
+    return UNDEFINED_RECALL.format(
+        where=f"site(s) {', '.join(sites)}", why="no query there sees more than k_top keys",
+        remedy="capture a prompt longer than k_top")
+
+
 def length_label(keys: int) -> str:
     return f"{keys // 1024}K" if keys % 1024 == 0 else str(keys)
 
@@ -107,8 +157,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Device: {env['device']}; torch {env['torch']}; seed {s['seed']}.",
               "Recall = |S' ∩ S| / |S| against the dense selection S, IoU = |S' ∩ S| / "
               "|S' ∪ S|, both over visible keys and averaged over the queries that see more "
-              "than k_top keys; time = median ms of one call of the whole indexer "
-              f"({s['repeats']} timed call(s) after one untimed call).", ""]
+              "than k_top keys; time = ms of one call of the whole indexer, median (min-max) "
+              f"of {timing_method(s)}.", ""]
     lines += _synthetic_markdown(report) + _captured_markdown(report) + _needle_markdown(report)
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
@@ -134,15 +184,17 @@ def _synthetic_markdown(report: dict) -> list[str]:
         cells = [f"{fmt_ratio(r['summary'][v['key']]['recall'])} "
                  f"({fmt_ratio(r['summary'][v['key']]['recall_worst_layer'])})" for r in rows]
         lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
+    lines += _footnote(synthetic_undefined_note(report))
     lines += ["", "### IoU with the dense selection (mean over layers)", "", header, rule]
     for v in report["variants"]:
         lines.append(f"| {v['label']} | " + " | ".join(
             fmt_ratio(r["summary"][v["key"]]["iou"]) for r in rows) + " |")
-    lines += ["", f"### Time per indexer call, ms ({report['environment']['device']})", "",
-              header, rule]
+    lines += ["", "### Time per indexer call, ms: median (min-max)", "",
+              f"{report['environment']['device']}; each cell pools the calls of its "
+              f"{s['layers']} layer(s): {timing_method(s)}.", "", header, rule]
     for v in report["variants"]:
         lines.append(f"| {v['label']} | " + " | ".join(
-            fmt_ms(r["summary"][v["key"]]["ms"]) for r in rows) + " |")
+            fmt_timing(r["summary"][v["key"]]) for r in rows) + " |")
     lines += ["", "### Recall per layer", "",
               "| variant | " + " | ".join(f"T={r['keys']} layer {i}" for r in rows
                                          for i in range(len(r["layers"]))) + " |",
@@ -170,15 +222,22 @@ def _captured_markdown(report: dict) -> list[str]:
                  else "skipped" for v in variant_keys]
         lines.append(f"| {site['site']} | {site['keys']} | {site['queries']} | {site['heads']} | "
                      f"{site['k_top']} | {site['variant_run']} | " + " | ".join(cells) + " |")
+    lines += _footnote(captured_undefined_note(report))
     lines += ["", "### Over all sites", "",
-              "| variant | recall (mean) | recall (worst site) | IoU (mean) | ms (mean per site) |",
+              f"Time: ms of one call, median (min-max) over the calls of every site: "
+              f"{timing_method(report['settings'])}.", "",
+              "| variant | recall (mean) | recall (worst site) | IoU (mean) | ms per call |",
               "|---|---:|---:|---:|---:|"]
     for v in variant_keys:
         summary = captured["summary"][v["key"]]
         lines.append(f"| {v['label']} | {fmt_ratio(summary['recall'])} | "
                      f"{fmt_ratio(summary['recall_worst_layer'])} | {fmt_ratio(summary['iou'])} | "
-                     f"{fmt_ms(summary['ms'])} |")
+                     f"{fmt_timing(summary)} |")
     return lines + [""]
+
+
+def _footnote(note: Optional[str]) -> list[str]:
+    return ["", note] if note else []
 
 
 def _needle_markdown(report: dict) -> list[str]:
@@ -205,33 +264,24 @@ def _needle_markdown(report: dict) -> list[str]:
 
 
 def terminal_tables(report: dict) -> str:
-    """Plain-text tables for the terminal: recall / IoU / ms per length, captured summary,
+    """Plain-text tables for the terminal: recall / IoU and time per length, captured summary,
     needle summary."""
     blocks = []
-    synthetic = report["synthetic"]
-    s = report["settings"]
-    if synthetic is not None:
-        rows = synthetic["rows"]
-        title = (f"{synthetic['workload']} synthetic workload (generated, not a model): "
-                 f"H={s['index_heads']} D={s['head_dim']}, last {s['queries']} queries of T keys, "
-                 f"k_top={s['k_top']}, {s['layers']} layer(s); {report['environment']['device']}")
-        head = [["variant"] + [cell for r in rows for cell in (f"T={r['keys']}", "", "")],
-                [""] + ["recall", "IoU", "ms"] * len(rows)]
-        body = [[v["label"]] + [cell for r in rows for cell in (
-            fmt_ratio(r["summary"][v["key"]]["recall"]), fmt_ratio(r["summary"][v["key"]]["iou"]),
-            fmt_ms(r["summary"][v["key"]]["ms"]))] for v in report["variants"]]
-        blocks.append(title + "\n" + _aligned(head, body, group=3))
+    if report["synthetic"] is not None:
+        blocks += [_terminal_quality(report), _terminal_times(report)]
     captured = report["captured"]
     if captured is not None:
-        head = [["variant", "recall", "worst site", "IoU", "ms/site"]]
+        head = [["variant", "recall", "worst site", "IoU", "ms per call: median (min-max)"]]
         body = [[v["label"], fmt_ratio(captured["summary"][v["key"]]["recall"]),
                  fmt_ratio(captured["summary"][v["key"]]["recall_worst_layer"]),
                  fmt_ratio(captured["summary"][v["key"]]["iou"]),
-                 fmt_ms(captured["summary"][v["key"]]["ms"])]
+                 fmt_timing(captured["summary"][v["key"]])]
                 for v in report["variants"] if v["key"] in captured["summary"]
-                and not math.isnan(captured["summary"][v["key"]]["ms"])]
+                and captured["summary"][v["key"]]["timed_calls"]]
+        note = captured_undefined_note(report)
         blocks.append(f"captured tensors from {captured['file']} "
-                      f"({len(captured['sites'])} sites)\n" + _aligned(head, body))
+                      f"({len(captured['sites'])} sites)\n" + _aligned(head, body)
+                      + (f"\n{note}" if note else ""))
     needle = report["needle"]
     if needle is not None:
         lengths = ", ".join(length_label(n) for n in needle["lengths"])
@@ -246,6 +296,34 @@ def terminal_tables(report: dict) -> str:
     if report["notes"]:
         blocks.append("\n".join(f"note: {n}" for n in report["notes"]))
     return "\n\n".join(blocks)
+
+
+def _terminal_quality(report: dict) -> str:
+    """Recall and IoU per context length, with the n/a footnote where k_top >= T."""
+    synthetic, s = report["synthetic"], report["settings"]
+    rows = synthetic["rows"]
+    title = (f"{synthetic['workload']} synthetic workload (generated, not a model): "
+             f"H={s['index_heads']} D={s['head_dim']}, last {s['queries']} queries of T keys, "
+             f"k_top={s['k_top']}, {s['layers']} layer(s)")
+    head = [["variant"] + [cell for r in rows for cell in (f"T={r['keys']}", "")],
+            [""] + ["recall", "IoU"] * len(rows)]
+    body = [[v["label"]] + [cell for r in rows for cell in (
+        fmt_ratio(r["summary"][v["key"]]["recall"]), fmt_ratio(r["summary"][v["key"]]["iou"]))]
+        for v in report["variants"]]
+    note = synthetic_undefined_note(report)
+    return title + "\n" + _aligned(head, body, group=2) + (f"\n{note}" if note else "")
+
+
+def _terminal_times(report: dict) -> str:
+    """Time per indexer call per context length: median (min-max)."""
+    rows = report["synthetic"]["rows"]
+    title = (f"time per indexer call, ms: median (min-max) over the calls of the "
+             f"{report['settings']['layers']} layer(s); {report['environment']['device']}\n"
+             f"({timing_method(report['settings'])})")
+    head = [["variant"] + [f"T={r['keys']}" for r in rows]]
+    body = [[v["label"]] + [fmt_timing(r["summary"][v["key"]]) for r in rows]
+            for v in report["variants"]]
+    return title + "\n" + _aligned(head, body)
 
 
 def _aligned(head: list[list[str]], body: list[list[str]], group: int = 0) -> str:

@@ -3,6 +3,7 @@ the dense selection of the same inputs, and times it."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Callable, Optional, Sequence
 
@@ -24,9 +25,10 @@ def evaluate_layer(q: Tensor, k: Tensor, w: Tensor, k_top: int, specs: Sequence[
                    scale: float = 1.0, causal: bool = True, key_start: Optional[Tensor] = None,
                    key_end: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                    repeats: int = 1, progress: Progress = None) -> dict:
-    """{spec.key: {recall, iou, recall_min, queries, ms}} for one layer; dense is the reference
-    and must be specs[0]. `repeats` timed calls follow the call whose result is measured (0:
-    that first call is timed, warm-up included)."""
+    """{spec.key: {recall, iou, recall_min, queries, ms_calls, ms_median, ms_min, ms_max,
+    timed_calls}} for one layer; dense is the reference and must be specs[0]. The call whose
+    result is measured is the warm-up; `repeats` timed calls follow it (0: that first call is
+    the one timing, warm-up included)."""
     if specs[0].config.variant != "dense":
         raise ValueError("evaluate_layer: specs[0] must be the dense reference")
     visibility = dict(causal=causal, key_start=key_start, key_end=key_end, mask=mask)
@@ -39,10 +41,10 @@ def evaluate_layer(q: Tensor, k: Tensor, w: Tensor, k_top: int, specs: Sequence[
             return indexer_topk(q, k, w, k_top, config, scale=scale, **visibility)
 
         selection, first_ms = _timed(call, q.device)
-        times = [_timed(call, q.device)[1] for _ in range(repeats)] or [first_ms]
+        calls_ms = [_timed(call, q.device)[1] for _ in range(repeats)] or [first_ms]
         dense = selection if dense is None else dense
         quality = selection_quality(selection, dense, counts, k_top)
-        results[spec.key] = dict(quality.as_dict(), ms=sorted(times)[len(times) // 2])
+        results[spec.key] = dict(quality.as_dict(), ms_calls=calls_ms, **timing_summary(calls_ms))
         if progress is not None:
             progress(1)
     return results
@@ -81,7 +83,9 @@ def captured_sweep(sites: Sequence[CapturedSite], specs_for: Callable[[int], lis
 
 
 def summarise_layers(layers: Sequence[dict], key: str) -> dict:
-    """Mean over layers of recall / IoU / time, and the worst layer's recall."""
+    """Mean over layers of recall / IoU, the worst layer's recall, and the timing of every
+    layer's timed calls pooled: the layers of one context length have the same shapes, so their
+    calls are samples of one time, and pooling gives the median more of them."""
     per_layer = [layer[key] for layer in layers if key in layer]
     recalls = [r["recall"] for r in per_layer if not math.isnan(r["recall"])]
     ious = [r["iou"] for r in per_layer if not math.isnan(r["iou"])]
@@ -89,7 +93,18 @@ def summarise_layers(layers: Sequence[dict], key: str) -> dict:
     return dict(recall=sum(recalls) / len(recalls) if recalls else nan,
                 recall_worst_layer=min(recalls) if recalls else nan,
                 iou=sum(ious) / len(ious) if ious else nan,
-                ms=sum(r["ms"] for r in per_layer) / len(per_layer) if per_layer else nan)
+                **timing_summary([ms for r in per_layer for ms in r["ms_calls"]]))
+
+
+def timing_summary(calls_ms: Sequence[float]) -> dict:
+    """Median, min and max of timed calls (NaN when there are none) and how many there were:
+    the median resists a call that the machine happened to slow down, min and max show how
+    much the calls spread."""
+    if not calls_ms:
+        nan = float("nan")
+        return dict(ms_median=nan, ms_min=nan, ms_max=nan, timed_calls=0)
+    return dict(ms_median=statistics.median(calls_ms), ms_min=min(calls_ms),
+                ms_max=max(calls_ms), timed_calls=len(calls_ms))
 
 
 def layer_seed(seed: int, keys: int, layer: int) -> int:

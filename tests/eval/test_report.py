@@ -12,7 +12,8 @@ import pytest
 from misa_compile import cli
 from misa_compile.config import MisaConfig
 from misa_compile.eval.capture import capture_indexer_sites
-from misa_compile.eval.report import fmt_ms, fmt_ratio, terminal_tables, write_report
+from misa_compile.eval.report import (fmt_ms, fmt_ratio, fmt_timing, terminal_tables,
+                                      write_report)
 from misa_compile.eval.runner import run_evaluation
 from misa_compile.eval.settings import QUICK
 from misa_compile.eval.workloads import structured_workload
@@ -21,7 +22,7 @@ from misa_compile.kernels import indexer_topk
 TINY = dataclasses.replace(
     QUICK, lengths=(256, 512), active_heads=(2, 4, 16), index_heads=8, head_dim=16, queries=16,
     k_top=16, layers=2, block_size=32, candidates=64, hisa_block=8, hisa_blocks=4,
-    needle_lengths=(256, 512), needle_depths=(0.0, 0.5, 1.0), needle_heads=4, repeats=0)
+    needle_lengths=(256, 512), needle_depths=(0.0, 0.5, 1.0), needle_heads=4, repeats=3)
 TINY_CLI = ["--lengths", "256", "512", "--index-heads", "8", "--head-dim", "16", "--queries", "16",
             "--k-top", "16", "--layers", "1", "--block-size", "32", "--candidates", "64",
             "--hisa-block", "8", "--hisa-blocks", "4", "--repeats", "0", "--no-progress"]
@@ -73,7 +74,7 @@ def test_markdown_numbers_are_the_json_numbers(report_dir):
             assert r_row[column] == (f"{fmt_ratio(summary['recall'])} "
                                      f"({fmt_ratio(summary['recall_worst_layer'])})")
             assert i_row[column] == fmt_ratio(summary["iou"])
-            assert t_row[column] == fmt_ms(summary["ms"])
+            assert t_row[column] == fmt_timing(summary)
             checked += 3
     per_layer = markdown_table(markdown, "### Recall per layer")
     for line in per_layer:
@@ -115,11 +116,13 @@ def test_report_states_where_numbers_come_from_and_skipped_heads(report_dir):
 def test_terminal_tables_show_the_same_numbers(report_dir):
     _, report, _ = report_dir
     text = terminal_tables(report)
-    line = next(l for l in text.splitlines() if l.startswith("MISA h=4 "))
-    numbers = re.findall(r"\d+\.\d+", line)
+    # Recall / IoU table, time table, then the needle table.
+    quality_line, time_line, _ = [l for l in text.splitlines() if l.startswith("MISA h=4 ")]
     summary = [report["synthetic"]["rows"][i]["summary"]["misa_h4"] for i in range(2)]
-    assert numbers == [fmt(s[name]) for s in summary
-                       for name, fmt in (("recall", fmt_ratio), ("iou", fmt_ratio), ("ms", fmt_ms))]
+    assert re.findall(r"\d+\.\d+", quality_line) == [
+        fmt_ratio(s[name]) for s in summary for name in ("recall", "iou")]
+    assert re.findall(r"\d+\.\d+", time_line) == [
+        fmt_ms(s[name]) for s in summary for name in ("ms_median", "ms_min", "ms_max")]
     assert "generated, not a model" in text and "needle in a haystack" in text
 
 
@@ -168,3 +171,48 @@ def test_cli_refuses_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--variants", "sparse"])
     assert "invalid choice: 'sparse'" in capsys.readouterr().err
+
+
+def test_no_undefined_recall_footnote_while_k_top_is_below_every_length(report_dir):
+    out, report, _ = report_dir
+    assert "undefined" not in terminal_tables(report)
+    assert "undefined" not in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("k_top", [255, 256, 600])
+def test_footnote_explains_na_recall_where_k_top_reaches_t(tmp_path, k_top):
+    settings = dataclasses.replace(TINY, k_top=k_top, layers=1, variants=("dense", "misa"),
+                                   active_heads=(4,))
+    report = run_evaluation(settings, device="cpu", needle=False)
+    write_report(report, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    undefined_at = [t for t in TINY.lengths if k_top >= t]
+    recall = markdown_table(markdown, "### Recall of the dense selection")
+    assert [cell == "n/a (n/a)" for cell in recall[1][1:]] == [k_top >= t for t in TINY.lengths]
+    recall_section = markdown.split("### Recall of the dense selection")[1].split("### IoU")[0]
+    for rendered in (terminal_tables(report), recall_section):
+        if not undefined_at:
+            assert "undefined" not in rendered
+            continue
+        lengths = ", ".join(map(str, undefined_at))
+        assert rendered.count(f"n/a: recall and IoU are undefined at T = {lengths}: "
+                              f"k_top = {k_top} is at least the T keys a query can see") == 1
+        assert "so every variant selects every visible key" in rendered
+
+
+def test_footnote_names_captured_sites_whose_queries_all_see_at_most_k_top(tmp_path):
+    short = structured_workload(queries=8, keys=40, heads=8, dim=16, seed=4)
+    long = structured_workload(queries=8, keys=300, heads=8, dim=16, seed=5)
+    with capture_indexer_sites() as capture:
+        indexer_topk(short.q, short.k, short.w, 40, MisaConfig(variant="dense"))
+        indexer_topk(long.q, long.k, long.w, 16, MisaConfig(variant="dense"))
+    capture.save(tmp_path / "sites.safetensors")
+    settings = dataclasses.replace(TINY, workload=None, active_heads=(4,))
+    report = run_evaluation(settings, device="cpu", captured=tmp_path / "sites.safetensors")
+    write_report(report, tmp_path / "r")
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    note = "n/a: recall and IoU are undefined at site(s) site_000: no query there sees more"
+    assert note in terminal_tables(report) and note in markdown
+    assert "site_001" not in note
+    per_site = markdown_table(markdown, "### Recall of the dense selection per site")
+    assert per_site[0][6] == "n/a" and per_site[1][6] == "1.000"
