@@ -47,7 +47,8 @@ class EvalSettings:
 FULL = EvalSettings()
 # 1/8 of FULL's context and of every key-count knob (k_top, router block, candidates, HISA
 # block); H and D stay DeepSeek-V3.2's. Two timed calls per layer (four per table cell with the
-# two layers) keep the median clear of one slowed call at about 40 s on two CPU cores.
+# two layers) keep the median clear of one slowed call; the second costs one more indexer call
+# per variant and layer, about 2 s of CPU work on top of the run's ~5 s single-threaded.
 QUICK = dataclasses.replace(
     FULL, lengths=(1024, 2048, 4096), queries=64, k_top=256, block_size=128, candidates=1024,
     hisa_block=16, needle_lengths=(1024, 2048, 4096),
