@@ -27,6 +27,7 @@ import torch
 
 from .config import MisaConfig
 from .report import SiteReport
+from .unapplied import warn_unapplied
 
 TARGETS = ("inductor", "aot_eager", "tensorrt")
 
@@ -74,6 +75,8 @@ def misa_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwar
     def keep(report: SiteReport) -> None:
         _REPORTS.append(report)
         model.add(report)
+        # A setting that could not apply (active_heads above a site's H, ...) is said out loud.
+        warn_unapplied(report, whole_model=False)
 
     return compile_graph(gm, example_inputs, config, target, rest, mode, keep)
 

@@ -147,3 +147,36 @@ def test_report_merges_and_validates_its_records():
     assert merged.to_dict()["rewritten"] == 1
     with pytest.raises(ValueError, match="status"):
         SiteRecord("c", "skipped")
+
+
+def test_a_setting_that_cannot_apply_warns_when_compiling():
+    from misa_compile.unapplied import UnappliedSettingWarning
+
+    from ..export.factories import indexer_host
+
+    torch._dynamo.reset()
+    model, args = indexer_host(heads=4)
+    compiled = torch.compile(model, backend="misa",
+                             options={"active_heads": 99, "target": "aot_eager"})
+    # Inference, as served: under autograd the joint graph also keeps the scores for backward.
+    with pytest.warns(UnappliedSettingWarning, match="config_mismatch"), torch.no_grad():
+        compiled(*args)
+    assert backend.last_report().refused[0].reason == "config_mismatch"
+
+
+def test_a_setting_that_applies_compiles_without_that_warning():
+    import warnings
+
+    from misa_compile.unapplied import UnappliedSettingWarning
+
+    from ..export.factories import indexer_host
+
+    torch._dynamo.reset()
+    model, args = indexer_host(heads=4)
+    compiled = torch.compile(model, backend="misa",
+                             options={"active_heads": 2, "block_size": 2, "target": "aot_eager"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnappliedSettingWarning)
+        with torch.no_grad():
+            compiled(*args)
+    assert len(backend.last_report().rewritten) == 1
