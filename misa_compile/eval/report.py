@@ -37,7 +37,7 @@ def timing_method(settings: dict) -> str:
     """How the times were taken, for the captions of the time tables."""
     repeats = settings["repeats"]
     if repeats == 0:
-        return "the first call of each layer or site, warm-up included (an upper bound)"
+        return "the first call of each layer or site, warm-up included, so an upper bound"
     return (f"{repeats} timed call{'s' if repeats > 1 else ''} per layer or site after an "
             "untimed warm-up call")
 
