@@ -15,11 +15,13 @@ independently of the spellings here."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -37,6 +39,10 @@ MASKS = ("none", "additive_inf", "additive_finfo", "bool_masked_fill", "bool_whe
          "arange", "triu_additive", "key_padding", "causal_and_keep", "two_masks", "alibi_add",
          "one_minus_keep", "alibi_sub", "where_full_like")
 LAYOUTS = ("batch", "flat")
+# How q reaches the contraction after its projection: as is, through a heads-first round trip
+# (DeepSeek-V4 applies RoPE to [.., H, S, D] and transposes back), or flattened to [.., S, H*D]
+# and split again.
+Q_VIEWS = ("none", "heads_first", "flattened")
 OUTPUTS = ("indices", "values", "both", "getitem", "int32", "positive_dim")
 ALIBI_SLOPE = 0.05
 
@@ -85,6 +91,7 @@ class IndexerSpec:
     outputs: str = "indices"
     relu: str = "relu"
     weights_fn: str = "linear"
+    q_view: str = "none"
     heads: int = 4
     dim: int = 8
     k_top: int = 5
@@ -93,7 +100,8 @@ class IndexerSpec:
     def __post_init__(self) -> None:
         for name, allowed in (("qk", QK_FORMS), ("head_sum", HEAD_SUMS), ("scale", SCALES),
                               ("dtype", DTYPES), ("layout", LAYOUTS), ("outputs", OUTPUTS),
-                              ("relu", RELU_FORMS), ("weights_fn", WEIGHT_FNS)):
+                              ("relu", RELU_FORMS), ("weights_fn", WEIGHT_FNS),
+                              ("q_view", Q_VIEWS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"IndexerSpec.{name}={getattr(self, name)!r}: allowed {allowed}")
         if self.mask not in MASKS + ("fill_with_zero",):
@@ -318,6 +326,10 @@ class ZooIndexer(nn.Module):
         q, k, w = self.project(x, ctx)
         if spec.dtype.endswith("_upcast"):
             q, k = q.float(), k.float()
+        if spec.q_view == "heads_first":
+            q = q.transpose(-3, -2).contiguous().transpose(-3, -2)
+        elif spec.q_view == "flattened":
+            q = q.flatten(-2).unflatten(-1, (spec.heads, spec.dim))
         if spec.scale == "query":
             q = q * spec.dim ** -0.5
         if spec.negative == "per_head_keys":
@@ -521,6 +533,22 @@ def split_outputs(host: HostSpec, outputs: tuple[Tensor, ...]
 # ---------------------------------------------------------------------------------------------
 # Hypothesis strategies
 
+EXAMPLES_VARIABLE = "MISA_HYPOTHESIS_EXAMPLES"
+
+
+def program_settings(ci_examples: int) -> settings:
+    """CI's fixed budget, or MISA_HYPOTHESIS_EXAMPLES examples (`make test-long`). Examples are
+    drawn afresh every run; a failure prints the falsifying example and a @reproduce_failure blob.
+    Every compile resets Dynamo itself (the autouse reset fixture runs once per test, not per
+    example), hence the silenced fixture health check."""
+    examples = int(os.environ.get(EXAMPLES_VARIABLE, ci_examples))
+    return settings(max_examples=examples, deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
+
+
+seeds = st.integers(0, 2 ** 31 - 1)
+
 def positive_specs(layout: str, heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
     """Indexers the matcher must find, one choice per axis."""
     axes = {axis: st.sampled_from(values) for axis, values in AXES.items() if axis != "layout"}
@@ -539,8 +567,12 @@ def negative_specs(heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
             masks = st.sampled_from(("none", "bool_masked_fill", "additive_inf", "tril"))
         qk = st.just("einsum") if negative == "per_head_keys" else st.sampled_from(
             ("einsum", "matmul"))
+        # The rest of the spelling around the defect is drawn like a positive site's.
         return st.builds(IndexerSpec, qk=qk, mask=masks, heads=st.just(heads),
-                         k_top=st.just(k_top), negative=st.just(negative))
+                         k_top=st.just(k_top), negative=st.just(negative),
+                         scale=st.sampled_from(("none", "before_relu", "after_relu", "hf")),
+                         dtype=st.sampled_from(("fp32", "bf16_upcast")),
+                         relu=st.sampled_from(RELU_FORMS), q_view=st.sampled_from(Q_VIEWS))
     return st.sampled_from(sorted(NEGATIVE_REASONS)).flatmap(with_mask)
 
 
@@ -562,7 +594,8 @@ def single_site_host(spec: IndexerSpec, decoys: bool = True) -> HostSpec:
 
 
 AXES = {"qk": QK_FORMS, "head_sum": HEAD_SUMS, "scale": SCALES, "dtype": DTYPES, "mask": MASKS,
-        "layout": LAYOUTS, "outputs": OUTPUTS, "relu": RELU_FORMS, "weights_fn": WEIGHT_FNS}
+        "layout": LAYOUTS, "outputs": OUTPUTS, "relu": RELU_FORMS, "weights_fn": WEIGHT_FNS,
+        "q_view": Q_VIEWS}
 
 
 SWEEP_SITES_PER_HOST = 7
