@@ -22,6 +22,8 @@ def _tiny(config_name: str, model_name: str, *, layers, index_heads, index_topk,
                                 index_topk, 0, sequence_length, batch_size, overrides)
 
 
+_TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
 # factory, index_topk (below the keys each query sees, so the indexer really prunes), whether the
 # model takes a padding attention_mask
 FAMILIES = {
@@ -30,8 +32,13 @@ FAMILIES = {
     "deepseek_v4": (tiny_deepseek_v4, 4, False),
     "axk2": (functools.partial(_tiny, "AXK2Config", "AXK2ForCausalLM"), 8, True),
     # Its default special token ids lie outside the tiny vocabulary.
-    "hy_v4": (functools.partial(_tiny, "HYV4Config", "HYV4ForCausalLM", pad_token_id=0,
-                                bos_token_id=1, eos_token_id=2), 8, True),
+    "hy_v4": (functools.partial(_tiny, "HYV4Config", "HYV4ForCausalLM", **_TOKEN_IDS), 8, True),
+    # The text part of a multimodal model (its text config and causal LM).
+    "dots3_note": (functools.partial(_tiny, "Dots3NoteTextConfig", "Dots3NoteForCausalLM",
+                                     **_TOKEN_IDS), 8, True),
+    # Ships no text-only causal LM: the text model, compared by its last hidden state.
+    "mistral_large4": (functools.partial(_tiny, "MistralLarge4TextConfig",
+                                         "MistralLarge4TextModel", **_TOKEN_IDS), 8, True),
 }
 
 
@@ -50,11 +57,16 @@ def _model_inputs(family: str):
     return model, inputs, topk
 
 
+def _logits(output):
+    """A causal LM's logits, or a text model's last hidden state."""
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
 def _compiled_logits(model, inputs, active_heads):
     torch._dynamo.reset()
     options = dict(variant="misa", active_heads=active_heads, block_size=4, target="aot_eager")
     with torch.no_grad():
-        logits = torch.compile(model, backend="misa", options=options)(**inputs).logits
+        logits = _logits(torch.compile(model, backend="misa", options=options)(**inputs))
     return logits, misa_compile.backend.last_report()
 
 
@@ -62,7 +74,7 @@ def _compiled_logits(model, inputs, active_heads):
 def test_each_indexer_family_is_rewritten_and_equals_eager_with_all_heads(family):
     model, inputs, topk = _model_inputs(family)
     with torch.no_grad():
-        expected = model(**inputs).logits
+        expected = _logits(model(**inputs))
     logits, report = _compiled_logits(model, inputs, HEADS)
     assert [(r.status, r.heads, r.k_top) for r in report.sites] \
         == [("rewritten", HEADS, topk)] * LAYERS, str(report)
