@@ -349,7 +349,18 @@ def hisa_candidates(q, k, w, block_size: int = 128, num_blocks: int = 64, causal
     offsets = op.Range(_int(0), _int(block_size), _int(1))
     key_ids = op.Add(op.Mul(op.Unsqueeze(chosen, _ints(3)), _int(block_size)), offsets)
     key_ids = op.Reshape(key_ids, op.Concat(op.Shape(chosen, start=0, end=2), _ints(-1), axis=0))
-    return op.Where(op.Less(key_ids, keys), key_ids, _int(-1))
+    key_ids = op.Where(op.Less(key_ids, keys), key_ids, _int(-1))
+    if static_keys is not None:
+        return key_ids
+    # T known only at run time: the op's width is min(min(m, nb) * block, T), and when the m
+    # blocks are all nb blocks its ids are every key in order (torch_impl.every_key_kept). The
+    # two cases agree in shape once the block ids are cut to that width, so a Where picks.
+    width = op.Min(op.Mul(op.Min(_int(num_blocks), total_blocks), _int(block_size)), keys)
+    listed = op.Slice(key_ids, _ints(0), _as_1d(width), _ints(2))
+    every_key = op.Expand(op.Reshape(op.Range(_int(0), width, _int(1)), _ints(1, 1, -1)),
+                          op.Shape(listed))
+    all_kept = op.GreaterOrEqual(op.Mul(_int(num_blocks), _int(block_size)), keys)
+    return op.Where(all_kept, every_key, listed)
 
 
 def _force_first_and_last_blocks(beta, blocks_visible, total_blocks):
