@@ -74,6 +74,21 @@ def is_float_cast(node: Node) -> bool:
     return src.dtype in FLOAT_DTYPES and dst.dtype in FLOAT_DTYPES
 
 
+# (source, destination) float dtypes where the destination holds every source value exactly.
+_EXACT_WIDENINGS = {(torch.float16, torch.float32), (torch.float16, torch.float64),
+                    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float64),
+                    (torch.float32, torch.float64)}
+
+
+def is_rounding_cast(node: Node) -> bool:
+    """A float cast that can change values (fp32 -> bf16/fp16, bf16 <-> fp16, ...). It keeps
+    their order only weakly: distinct values may round to one."""
+    if not is_float_cast(node):
+        return False
+    src, dst = tensor_val(node.args[0]).dtype, tensor_val(node).dtype
+    return src != dst and (src, dst) not in _EXACT_WIDENINGS
+
+
 def is_value_preserving(node: Node) -> bool:
     """Ops whose output holds the input's values rearranged (views, copies, float casts)."""
     if not isinstance(node, Node) or node.op != "call_function":

@@ -239,6 +239,7 @@ class _Outer:
     runtime: list[Node] = field(default_factory=list)  # run-time Python scalars after the sum
     interior: list[Node] = field(default_factory=list)
     issues: list[tuple[str, str]] = field(default_factory=list)
+    rounded_by: Optional[Node] = None  # a cast below that rounds the index score
 
 
 class _Matcher:
@@ -295,6 +296,10 @@ class _Matcher:
         found: Optional[_Outer] = None
         if ops.is_value_preserving(node):
             found = self._outer(node.args[0], ops.input_dims(self.space, node, dims), lookahead)
+            # Rounding keeps the order weakly (ties may appear, never swaps), so the exact
+            # score's top-k is one of the rounded score's; only what is added after it matters.
+            if found is not None and ops.is_rounding_cast(node):
+                found.rounded_by = node
         elif target in ops.MULS or target in ops.DIVS or target == aten.neg.default:
             found = self._outer_scale(node, dims, lookahead)
         elif target in ops.ADDS or target in ops.SUBS:
@@ -360,6 +365,15 @@ class _Matcher:
         if node.target in ops.SUBS and score is node.args[1]:
             found.issues.insert(0, (R.NEGATIVE_SCALE, f"{_op(node)} subtracts the index score "
                                     "from a bias (a factor of -1)"))
+            return found
+        if found.rounded_by is not None:
+            # round(a) + bias_a vs round(b) + bias_b: keys the rounding made equal (or nearly)
+            # are ranked by the bias in eager, by the exact score in the ops.
+            rounded_dtype = ops.tensor_val(found.rounded_by).dtype
+            found.issues.insert(0, (R.ROUNDING_CAST, f"{_op(node)} adds {other.name} after "
+                                    f"{_op(found.rounded_by)} rounds the index score to "
+                                    f"{rounded_dtype}: the bias can reorder keys the rounding "
+                                    "tied"))
             return found
         operand = self._follow(other, _broadcast_dims(dims, other))
         found.masks.append(Mask("additive", operand,
@@ -457,6 +471,12 @@ class _Matcher:
         branch: Optional[ScoreBranch] = None
         if ops.is_value_preserving(node):
             branch = self._inner(node.args[0], ops.input_dims(self.space, node, dims), above)
+            if branch is not None and ops.is_rounding_cast(node):
+                # Rounded per-head terms summed over heads rank keys differently from the exact
+                # terms the ops sum (not a monotone function of the exact score).
+                branch.issues.insert(0, (R.ROUNDING_CAST, f"{_op(node)} rounds the per-head "
+                                         f"score {where} to {ops.tensor_val(node).dtype} "
+                                         "before the head sum"))
         elif ops.relu_input(node) is not None:
             branch = self._inner(ops.relu_input(node), dims, above=False)
             if branch is not None and branch.relu is None:

@@ -12,6 +12,7 @@ SMALLEST_TOPK = "smallest_topk"
 UNKNOWN_MASK = "unknown_mask"
 SCORES_USED_ELSEWHERE = "scores_used_elsewhere"
 UNSUPPORTED_LAYOUT = "unsupported_layout"
+ROUNDING_CAST = "rounding_cast"
 CONFIG_MISMATCH = "config_mismatch"
 INTERNAL_ERROR = "internal_error"
 
@@ -26,6 +27,7 @@ DESCRIPTIONS = {
     UNKNOWN_MASK: "a mask whose meaning could not be proven",
     SCORES_USED_ELSEWHERE: "the dense scores have other users, so they cannot be removed",
     UNSUPPORTED_LAYOUT: "a layout or operation the rewrite does not handle",
+    ROUNDING_CAST: "a cast rounds the score where the rounding can change the selection",
     CONFIG_MISMATCH: "the configuration does not fit this indexer",
     INTERNAL_ERROR: "the pass failed unexpectedly on this site and left it untouched",
 }

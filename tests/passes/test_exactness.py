@@ -256,3 +256,59 @@ def test_a_rounding_cast_on_an_operand_is_kept_by_the_rewrite():
         got = torch.compile(_bf16_rounded_q, backend="misa", options=OPTIONS)(q, k, w)
     assert misa_compile.backend.last_report().rewritten
     torch.testing.assert_close(got.values, expected.values, rtol=1e-6, atol=1e-6)
+
+
+def _near_tied_keys():
+    """Head 0 alone scores key s as 1 + 0.0005 s (every key rounds to 1.0 in bf16); a bias
+    0.0002 * (T - s) falls with s by less than the score rises, so the exact score ranks the
+    last keys first and the bf16-rounded score plus the bias the first keys."""
+    q = torch.zeros(B, S, H, D)
+    q[..., 0, 0] = 1.0
+    k = torch.zeros(B, T, D)
+    k[..., 0] = 1.0 + 0.0005 * torch.arange(T)
+    w = torch.zeros(B, S, H)
+    w[..., 0] = 1.0
+    bias = 0.0002 * (T - torch.arange(T, dtype=torch.float32)).expand(B, S, T)
+    return q, k, w, bias
+
+
+def _rounded_then_biased(q, k, w, bias):
+    return (_index(q, k, w).to(torch.bfloat16) + bias).topk(K).indices
+
+
+def _rounded_then_masked_and_scaled(q, k, w, bias):
+    masked = _index(q, k, w).to(torch.bfloat16).masked_fill(~_causal(), float("-inf"))
+    return (masked * 0.5).topk(K).indices
+
+
+def _per_head_rounded(q, k, w, bias):
+    per_head = torch.einsum("bshd,btd->bsht", q, k).relu().to(torch.bfloat16).float()
+    return (torch.einsum("bsht,bsh->bst", per_head, w) + bias).topk(K).indices
+
+
+def test_a_bias_added_after_a_rounding_cast_is_refused_and_the_model_keeps_its_selection():
+    inputs = _near_tied_keys()
+    with torch.no_grad():
+        expected = _rounded_then_biased(*inputs)
+        got = torch.compile(_rounded_then_biased, backend="misa", options=OPTIONS)(*inputs)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.ROUNDING_CAST)], str(report)
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(expected.sort(-1).values[0, 0], torch.arange(K))  # the bias decided
+
+
+def test_a_rounding_cast_on_the_per_head_score_is_refused():
+    inputs = _near_tied_keys()
+    report = misa_compile.explain(_per_head_rounded, *inputs, options=OPTIONS)
+    assert _sites(report) == [("refused", reasons.ROUNDING_CAST)], str(report)
+
+
+def test_a_rounding_cast_with_only_masks_and_scales_after_it_is_rewritten():
+    """Rounding is monotone: the exact top-k is one of the rounded score's top-k sets."""
+    q, k, w, bias = _inputs() + (None,)
+    with torch.no_grad():
+        got = torch.compile(_rounded_then_masked_and_scaled, backend="misa",
+                            options=OPTIONS)(q, k, w, bias)
+    assert _sites(misa_compile.backend.last_report()) == [("rewritten", "")]
+    rounded = (_index(q, k, w).to(torch.bfloat16).float() * 0.5)
+    check_selection(got, rounded.masked_fill(~_causal(), float("-inf")))
