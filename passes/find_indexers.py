@@ -823,10 +823,11 @@ class _Matcher:
 
 def _head_right_before_dim(space: LabelSpace, q: Operand, head: int, dim: int) -> bool:
     """Whether q is laid out [.., S, H, D] (the summed axis right before D) as the contraction
-    reads it or anywhere on its way there. Heads-first code (RoPE on [B,H,S,D], then transposed
+    reads it or as its source holds it. Heads-first code (RoPE on [B,H,S,D], then transposed
     back, as DeepSeek-V4 does) still hands the contraction [.., S, H, D]; looking only at the
-    source would take the query axis for the heads."""
-    for link in q.links:
+    source would take the query axis for the heads. A heads-first view in between decides
+    nothing: through [B,H,S,D] a sum over the queries would pass for a sum over heads."""
+    for link in (q.links[0], q.links[-1]):
         order = space.flat(link.dims)
         if head in order and dim in order and order.index(head) + 1 == order.index(dim):
             return True

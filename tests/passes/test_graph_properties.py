@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import misa_compile
 from misa_compile.kernels import reference
 
-from .indexer_zoo import (build_host, make_inputs, negative_specs, positive_specs,
+from .indexer_zoo import (IndexerSpec, build_host, make_inputs, negative_specs, positive_specs,
                           program_settings, seeds, single_site_host, split_outputs)
 from .test_spellings import (KEYS, QUERIES, check_report, check_site_selection, compile_and_run,
                              eager, misa_options)
@@ -28,6 +28,9 @@ HEADS, K_TOP = 4, 5
 
 @program_settings(6)
 @given(spec=negative_specs(HEADS, K_TOP), seed=seeds)
+# Once rewritten with the queries as heads: q's heads-first view put S right before D.
+@example(spec=IndexerSpec(negative="sum_over_queries", q_view="heads_first", k_top=K_TOP),
+         seed=0)
 def test_a_near_miss_is_left_untouched(spec, seed):
     host = single_site_host(spec, decoys=False)
     model = build_host(host, seed)
