@@ -385,9 +385,10 @@ def test_reshape_that_mixes_axes_is_rejected():
 
 def bf16_scores_cast_back(q, k, w):
     # bf16 inputs, scores upcast to fp32 and back: torch.export adds metadata assertions on the
-    # intermediate casts, which read the scores without using their values.
-    logits = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu().to(torch.bfloat16)
-    scores = (logits * w[..., None]).sum(2)
+    # intermediate casts, which read the scores without using their values. The index score is
+    # rounded to bf16 (order-preserving); rounding the per-head score instead is rounding_cast.
+    logits = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+    scores = (logits * w[..., None]).sum(2).to(torch.bfloat16)
     return scores.float().topk(K, dim=-1).indices
 
 
