@@ -61,6 +61,7 @@ def pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
     num_blocks = -(-keys // block)
     padded = torch.nn.functional.pad(k.float(), (0, 0, 0, num_blocks * block - keys))
     sums = padded.view(batch, num_blocks, block, dim).sum(2)
-    counts = torch.full((num_blocks,), float(block), device=k.device)
-    counts[-1] = keys - (num_blocks - 1) * block
-    return sums / counts[None, :, None]
+    # Built without writing a Python number into a tensor: traced (AOTInductor packaging), such a
+    # write becomes a tensor constant that torch.export cannot lift.
+    counts = (keys - torch.arange(num_blocks, device=k.device) * block).clamp(max=block)
+    return sums / counts.float()[None, :, None]
