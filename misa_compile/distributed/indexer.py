@@ -24,7 +24,7 @@ from .merge import (compact_candidates, empty_selection, global_top_members, mer
                     pad_selection)
 from .ranges import global_key_ranges, local_key_ranges
 from .router import sharded_route_heads
-from .shards import OP, agree_on_call
+from .shards import OP, ShardLayout, agree_on_call
 
 
 def sharded_indexer_topk(q: Tensor, k_local: Tensor, w: Tensor, k_top: int,
@@ -41,6 +41,15 @@ def sharded_indexer_topk(q: Tensor, k_local: Tensor, w: Tensor, k_top: int,
     causal, key_start, key_end are in GLOBAL key positions, as in the single-device op.
     Returns (values float32, indices int64 global) [B, S, min(k_top, total_keys)] on every rank;
     -inf values mark entries past the visible keys (their indices are meaningless)."""
+    group, rank = member_of(group)
+    layout = agree_on_call(group, rank, q, k_local, w, k_top, config, key_offset, total_keys,
+                           scale, causal, key_start, key_end)
+    return select_on_layout(q, k_local, w, k_top, config, layout, group, scale, causal,
+                            key_start, key_end)
+
+
+def member_of(group: Optional[dist.ProcessGroup]) -> tuple[dist.ProcessGroup, int]:
+    """(the group, None meaning the default one; this process's rank in it)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{OP}: torch.distributed has no initialised process group; call "
                            "torch.distributed.init_process_group first (see "
@@ -49,8 +58,15 @@ def sharded_indexer_topk(q: Tensor, k_local: Tensor, w: Tensor, k_top: int,
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError(f"{OP}: this process is not a member of the given process group")
-    layout = agree_on_call(group, rank, q, k_local, w, k_top, config, key_offset, total_keys,
-                           scale, causal, key_start, key_end)
+    return group, rank
+
+
+def select_on_layout(q: Tensor, k_local: Tensor, w: Tensor, k_top: int, config: MisaConfig,
+                     layout: ShardLayout, group, scale: float, causal: bool,
+                     key_start: Optional[Tensor], key_end: Optional[Tensor]
+                     ) -> tuple[Tensor, Tensor]:
+    """The selection of `sharded_indexer_topk` once the ranks agreed on `layout`. Collective."""
+    rank = layout.rank
     batch, queries, _, _ = q.shape
     lo, hi = global_key_ranges(batch, queries, layout.total_keys, causal, key_start, key_end,
                                q.device)

@@ -3,10 +3,12 @@ put it in a traced graph (MisaConfig(context_parallel=True)). Its collectives an
 sizes stay inside the op; Inductor treats it like any extern kernel.
 
 The op runs on the default process group. Each rank passes its contiguous shard of the keys,
-shards laid out in rank order (rank 0 holds the first keys); one all-gather of the local key counts
-gives every rank its key offset and the total key count, then `sharded_indexer_topk` selects the
-global top-k. The graph does not know the global key count when it is traced, so the outputs are
-declared [B, S, k_top]: k_top must not exceed the global key count (checked at run time)."""
+shards laid out in rank order (rank 0 holds the first keys). The indexer's agreement exchange
+carries every rank's local key count, so that one all-gather (and one read of it on the host per
+call) gives every rank its key offset and the total key count as well; then the selection runs as
+in `sharded_indexer_topk`. The graph does not know the global key count when it is traced, so the
+outputs are declared [B, S, k_top]: k_top must not exceed the global key count (checked at run
+time, on every rank alike)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -17,8 +19,8 @@ from torch import Tensor
 
 from ..config import MisaConfig
 from ..kernels.validation import check_same_device
-from .collectives import all_gather_stacked, collective_device
-from .indexer import sharded_indexer_topk
+from .indexer import member_of, select_on_layout
+from .shards import agree_on_call
 
 OP_NAME = "misa.sharded_topk"
 
@@ -41,11 +43,17 @@ def sharded_topk(q: Tensor, k_local: Tensor, w: Tensor, k_top: int, variant: str
                            "misa_compile.distributed.init_from_env) first")
     config = MisaConfig(variant=variant, active_heads=active_heads, block_size=block_size,
                         candidates=candidates, router=router, query_chunk=chunk)
-    offset, total = _key_offset_and_total(k_local, k_top)
-    values, indices = sharded_indexer_topk(q, k_local, w, k_top, config, key_offset=offset,
-                                           total_keys=total, group=None, scale=scale,
-                                           causal=causal, key_start=key_start, key_end=key_end)
-    return values, indices
+    group, rank = member_of(None)
+    layout = agree_on_call(group, rank, q, k_local, w, k_top, config, None, None, scale, causal,
+                           key_start, key_end)
+    if k_top > layout.total_keys:
+        # Every rank reads the same gathered sizes, so every rank raises here alike.
+        raise ValueError(f"{OP_NAME}: k_top={k_top} exceeds the total key count "
+                         f"{layout.total_keys} (local key counts by rank: {list(layout.sizes)}); "
+                         "the rewritten site's outputs have k_top columns, so k_top must be <= "
+                         "the keys of all ranks together")
+    return select_on_layout(q, k_local, w, k_top, config, layout, group, scale, causal,
+                            key_start, key_end)
 
 
 @sharded_topk.register_fake
@@ -54,22 +62,3 @@ def _(q, k_local, w, k_top, variant, active_heads, block_size, candidates, route
     check_same_device(OP_NAME, q, k_local=k_local, w=w, key_start=key_start, key_end=key_end)
     shape = (q.shape[0], q.shape[1], k_top)
     return q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.int64)
-
-
-def _key_offset_and_total(k_local: Tensor, k_top: int) -> tuple[int, int]:
-    """This rank's global key offset and the total key count, from one all-gather of every rank's
-    (local key count, k_top). Every rank sees the same table, so an error raised from it is raised
-    on every rank alike (no rank is left waiting in a later collective)."""
-    local = k_local.shape[1] if k_local.dim() == 3 else 0  # a bad shape is reported by the
-    row = torch.tensor([local, k_top], dtype=torch.int64)  # indexer's agreement step
-    group = dist.group.WORLD
-    table = all_gather_stacked(row.to(collective_device(group)), group, "key counts").cpu()
-    counts, k_tops = table[:, 0].tolist(), table[:, 1].tolist()
-    rank = dist.get_rank()
-    total = sum(counts)
-    # Ranks that disagree on k_top are reported by the indexer's agreement step.
-    if len(set(k_tops)) == 1 and k_top > total:
-        raise ValueError(f"{OP_NAME}: k_top={k_top} exceeds the total key count {total} "
-                         f"(local key counts by rank: {counts}); the rewritten site's outputs "
-                         "have k_top columns, so k_top must be <= the keys of all ranks together")
-    return sum(counts[:rank]), total

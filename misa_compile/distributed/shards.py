@@ -26,6 +26,8 @@ _SHARD_FIELDS = ("key_offset", "local keys")
 _SHARED_FIELDS = ("total_keys", "batch B", "queries S", "heads H", "dim D", "k_top",
                   "config.variant", "config.active_heads", "config.block_size",
                   "config.candidates", "config.router", "causal", "key ranges given", "scale")
+# Column of each field in the gathered table (column 0: the rank's error flag).
+_COLUMN = {name: column for column, name in enumerate(("error",) + _SHARD_FIELDS + _SHARED_FIELDS)}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class ShardLayout:
 def agree_on_call(group, rank: int, q, k_local, w, k_top, config, key_offset, total_keys, scale,
                   causal, key_start, key_end) -> ShardLayout:
     """Checks this rank's inputs and everyone's agreement; returns the layout or raises ValueError
-    (the same message on every rank)."""
+    (the same message on every rank). key_offset = total_keys = None: the shards lie in rank
+    order (rank 0 holds the first keys), so the offsets and the total key count follow from the
+    gathered shard sizes; the same exchange then serves as the key-count exchange."""
     local_error: Optional[str] = None
     try:
         meta = _local_metadata(group, q, k_local, w, k_top, config, key_offset, total_keys, scale,
@@ -72,10 +76,16 @@ def agree_on_call(group, rank: int, q, k_local, w, k_top, config, key_offset, to
         raise ValueError(f"{OP}: inputs rejected on {len(lines)} of {len(table)} ranks; "
                          + "; ".join(lines))
     _check_shared_fields(table)
-    offsets = tuple(r[1] for r in table)
-    sizes = tuple(r[2] for r in table)
-    total = table[0][3]
-    _check_tiling(offsets, sizes, total)
+    sizes = tuple(r[_COLUMN["local keys"]] for r in table)
+    if key_offset is None:
+        offsets = tuple(sum(sizes[:r]) for r in range(len(sizes)))
+        total = sum(sizes)
+        shared = table[0]
+        _check_derived_total(total, shared[_COLUMN["queries S"]], bool(shared[_COLUMN["causal"]]))
+    else:
+        offsets = tuple(r[_COLUMN["key_offset"]] for r in table)
+        total = table[0][_COLUMN["total_keys"]]
+        _check_tiling(offsets, sizes, total)
     return ShardLayout(rank, offsets, sizes, total)
 
 
@@ -99,16 +109,18 @@ def _local_metadata(group, q, k_local, w, k_top, config, key_offset, total_keys,
     check_positive_int(OP, "k_top", k_top)
     check_scale(OP, scale)
     config.check_site(shape.heads, k_top)
-    _check_int("total_keys", total_keys, 1, MAX_TOTAL_KEYS)
-    if causal and total_keys < shape.queries:
-        raise ValueError(f"{OP}: causal=True needs total_keys >= S (the S queries are the last S "
-                         f"of the keys), got S={shape.queries}, total_keys={total_keys}; pass "
-                         "causal=False with key ranges for other layouts")
-    _check_int("key_offset", key_offset, 0, total_keys)
-    if key_offset + local_keys > total_keys:
-        raise ValueError(f"{OP}: key_offset={key_offset} + local keys {local_keys} = "
-                         f"{key_offset + local_keys} exceeds total_keys={total_keys}; this rank's "
-                         "shard must lie inside [0, total_keys)")
+    if key_offset is None:
+        # Rank order: offset and total come from the gathered sizes (-1 marks them unknown here,
+        # identically on every rank, so the shared-field check passes).
+        key_offset = total_keys = -1
+    else:
+        _check_int("total_keys", total_keys, 1, MAX_TOTAL_KEYS)
+        _check_causal_total(total_keys, shape.queries, causal)
+        _check_int("key_offset", key_offset, 0, total_keys)
+        if key_offset + local_keys > total_keys:
+            raise ValueError(f"{OP}: key_offset={key_offset} + local keys {local_keys} = "
+                             f"{key_offset + local_keys} exceeds total_keys={total_keys}; this "
+                             "rank's shard must lie inside [0, total_keys)")
     if collective_device(group).type == "cuda" and q.device.type != "cuda":
         raise ValueError(f"{OP}: q is on {q.device} but the process group's backend (NCCL) needs "
                          "CUDA tensors")
@@ -119,6 +131,22 @@ def _local_metadata(group, q, k_local, w, k_top, config, key_offset, total_keys,
             int(key_start is not None), scale_bits]
 
 
+def _check_causal_total(total_keys: int, queries: int, causal: bool) -> None:
+    if causal and total_keys < queries:
+        raise ValueError(f"{OP}: causal=True needs total_keys >= S (the S queries are the last S "
+                         f"of the keys), got S={queries}, total_keys={total_keys}; pass "
+                         "causal=False with key ranges for other layouts")
+
+
+def _check_derived_total(total: int, queries: int, causal: bool) -> None:
+    """The checks of an explicit total_keys, for a total summed from the gathered shard sizes
+    (every rank sums the same table, so every rank raises alike)."""
+    if not 1 <= total <= MAX_TOTAL_KEYS:
+        raise ValueError(f"{OP}: the shards hold {total} keys together; allowed range is "
+                         f"[1, {MAX_TOTAL_KEYS}]")
+    _check_causal_total(total, queries, causal)
+
+
 def _check_int(name: str, value, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
@@ -127,9 +155,9 @@ def _check_int(name: str, value, low: int, high: int) -> None:
 
 
 def _check_shared_fields(table: list[list[int]]) -> None:
-    first = len(_SHARD_FIELDS) + 1
     problems = []
-    for column, name in enumerate(_SHARED_FIELDS, start=first):
+    for name in _SHARED_FIELDS:
+        column = _COLUMN[name]
         values = [r[column] for r in table]
         if len(set(values)) > 1:
             shown = values if name != "scale" else [struct.unpack("<d", struct.pack("<q", v))[0]

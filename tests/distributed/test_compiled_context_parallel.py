@@ -12,7 +12,7 @@ import torch
 
 import misa_compile.backend
 from misa_compile import MisaConfig
-from misa_compile.distributed import sharded_indexer_topk
+from misa_compile.distributed import count_collective_bytes, sharded_indexer_topk
 
 from .cases import ShardedCase, assert_matches_single_device, integer_tensor
 
@@ -60,6 +60,12 @@ def compile_on_shard(q, k_local, w, k_top, options, bias=None, direct=None):
 def call_sharded_op(q, k_local, w, k_top):
     return torch.ops.misa.sharded_topk(q, k_local, w, k_top, "dense", 1, 1, 1, "score", 1.0,
                                        False)
+
+
+def call_sharded_op_counting_bytes(q, k_local, w, k_top):
+    with count_collective_bytes() as traffic:
+        values, indices = call_sharded_op(q, k_local, w, k_top)
+    return dict(values=values, indices=indices, steps=dict(traffic.bytes_by_step))
 
 
 def _inputs(seed: int, batch=2, queries=3, heads=4, dim=5, keys=14):
@@ -162,6 +168,20 @@ def test_k_top_above_the_global_key_count_is_refused_on_every_rank(rank_pools):
         assert answer.error is not None
         assert re.search(r"ValueError: misa.sharded_topk: k_top=7 exceeds the total key count 6",
                          answer.error), answer.error
+
+
+def test_the_op_learns_offsets_from_the_agreement_exchange_alone(rank_pools):
+    # Rank 0 holds no key: the offsets and the total come from the shard sizes gathered by the
+    # agreement step; no other metadata exchange runs (one host read per call).
+    q, k, w = _inputs(seed=9, keys=10)
+    sizes = [0, 10]
+    per_rank = [dict(q=q, k_local=k[:, sum(sizes[:r]):sum(sizes[:r + 1])], w=w, k_top=4)
+                for r in range(WORLD)]
+    answers = _run(rank_pools(WORLD), call_sharded_op_counting_bytes, per_rank)
+    case = ShardedCase(q, k, w, 4, MisaConfig(variant="dense"), [0, 0], sizes, causal=False)
+    assert_matches_single_device(case, [(a["values"], a["indices"]) for a in answers])
+    for answer in answers:
+        assert set(answer["steps"]) == {"shard agreement", "selection merge"}
 
 
 def test_context_parallel_without_a_process_group_is_a_clear_error():
