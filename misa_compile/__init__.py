@@ -8,14 +8,14 @@ kernels_shadow.install(kernels.__path__)
 from .kernels import indexer_topk
 # Imported eagerly: the function `export` shares its name with the module misa_compile.export,
 # and a lazy attribute would be shadowed by the module as soon as anything imported it.
-from .export import export, load
+from .export import export, load, package_aoti
 # Eager for the same reason: `explain` is also the name of the module misa_compile.explain.
 from .explain import explain
 from .report import SiteReport
 
 __version__ = "0.1.0"
-__all__ = ["MisaConfig", "SiteReport", "explain", "indexer_topk", "export", "load", "to_onnx",
-           "__version__"]
+__all__ = ["MisaConfig", "SiteReport", "explain", "indexer_topk", "export", "load", "package_aoti",
+           "to_onnx", "__version__"]
 
 
 def __getattr__(name: str):

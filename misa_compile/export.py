@@ -13,7 +13,13 @@ still saves and loads.
 A plain torch.export.load of a program holding misa ops fails unless misa_compile was imported
 first: torch raises "RuntimeError: We ran into an error when deserializing the saved file" and
 only its logged warning names the op it could not resolve. misa_compile.load imports the ops and,
-when a file still needs something nobody registered, says what in its error (LoadError)."""
+when a file still needs something nobody registered, says what in its error (LoadError).
+
+For serving without misa_compile, package_aoti compiles the program with AOTInductor:
+
+    misa_compile.package_aoti(result, "model_aoti.pt2")
+    # in any process, misa_compile not imported:
+    compiled = torch._inductor.aoti_load_package("model_aoti.pt2")"""
 from __future__ import annotations
 
 import logging
@@ -38,6 +44,10 @@ class ExportError(RuntimeError):
 
 class LoadError(RuntimeError):
     """A saved program cannot be loaded: it needs custom ops or types not registered here."""
+
+
+class PackageError(RuntimeError):
+    """The program could not be compiled into an AOTInductor package."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,97 @@ def _rewrite(program: ExportedProgram, config: MisaConfig) -> MisaExport:
 
     program = program._transform_do_not_use(rewrite_pass)
     return MisaExport(program=program, report=reports[0], config=config)
+
+
+def package_aoti(program: Union[MisaExport, ExportedProgram], path: PathLike, *,
+                 inductor_configs: Optional[dict[str, Any]] = None) -> str:
+    """Compiles a rewritten program (a MisaExport or its ExportedProgram) ahead of time with
+    torch._inductor.aoti_compile_and_package and writes the package to `path` (a .pt2 file,
+    unlike misa_compile.load's). Returns the path written. `inductor_configs` is passed on.
+
+    The package runs where misa_compile is not installed: torch._inductor.aoti_load_package(path)
+    and call it with the program's inputs, at the shapes the program was exported for. A misa op
+    whose implementation Inductor cannot trace into (a Python custom op: every op on CPU, and on
+    CUDA each op without a FunctionalTensorMode decomposition into Triton kernels) is replaced
+    beforehand by its torch implementation (kernels/torch_impl.py), so the package holds only
+    ATen, C++ and Triton code; the torch implementation unrolls its query chunks, so it needs the
+    query and key counts of each site fixed (export without dynamic shapes). Raises PackageError
+    when torch cannot compile the program."""
+    if isinstance(program, MisaExport):
+        program = program.program
+    if not isinstance(program, ExportedProgram):
+        raise TypeError("misa_compile.package_aoti: program must be a MisaExport or an "
+                        f"ExportedProgram, got {type(program).__name__}")
+    opaque = _opaque_misa_ops(program)
+    try:
+        if opaque:
+            table = torch.export.default_decompositions()
+            table.update({op: _torch_implementation(op) for op in opaque})
+            program = program.run_decompositions(table)
+        return torch._inductor.aoti_compile_and_package(
+            program, package_path=os.fspath(path), inductor_configs=inductor_configs)
+    except Exception as error:  # torch raises many types for one meaning: "not compiled"
+        raise PackageError(
+            f"misa_compile.package_aoti: AOTInductor could not compile the program into "
+            f"{os.fspath(path)}:\n{_leading_lines(error, 6)}\n(the full error is chained "
+            "below)") from error
+
+
+def _opaque_misa_ops(program: ExportedProgram) -> list[torch._ops.OpOverload]:
+    """The misa ops the program calls that Inductor would leave as calls into Python: all of
+    them on CPU; on CUDA those without a FunctionalTensorMode rule (the rule that lets Inductor
+    trace a torch.library.triton_op into its Triton kernels). PackageError when such an op has a
+    symbolic size: its torch implementation would be traced at the example's sizes and the
+    package would silently compute those sizes for any input."""
+    from torch._library.simple_registry import find_torch_dispatch_rule
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    opaque: list[torch._ops.OpOverload] = []
+    for node in program.graph.nodes:
+        op = node.target
+        if node.op != "call_function" or getattr(op, "namespace", None) != "misa":
+            continue
+        tensors = [value.meta["val"] for value in
+                   torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+                   if isinstance(value, torch.fx.Node)
+                   and isinstance(value.meta.get("val"), torch.Tensor)]
+        on_cuda = any(t.device.type == "cuda" for t in tensors)
+        if on_cuda and find_torch_dispatch_rule(op, FunctionalTensorMode) is not None:
+            continue
+        symbolic = [t for t in tensors if not all(isinstance(size, int) for size in t.shape)]
+        if symbolic:
+            raise PackageError(
+                f"misa_compile.package_aoti: {node.name} ({op}) has symbolic sizes "
+                f"{list(symbolic[0].shape)}; the package replaces it by its torch implementation, "
+                "which is traced at fixed query and key counts: export without dynamic shapes "
+                "(misa export without --dynamic)")
+        if op not in opaque:
+            opaque.append(op)
+    return opaque
+
+
+def _torch_implementation(op: torch._ops.OpOverload):
+    """A decomposition of `op` into kernels/torch_impl.py's function of the same name. It runs
+    below functionalization (run_decompositions applies decompositions while tracing the
+    functional graph), and the torch implementation writes its results into preallocated
+    tensors, so it is functionalized here, as torch.library.triton_op does for its bodies."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    from .kernels import torch_impl
+
+    name = op._schema.name.split("::")[-1]
+    implementation = getattr(torch_impl, name, None)
+    if implementation is None:
+        raise PackageError(f"misa_compile.package_aoti: misa::{name} has no torch "
+                           "implementation to put in the package")
+    schema = op._schema.arguments
+
+    def decomposition(*args: Any, **kwargs: Any) -> Any:
+        # torch_impl takes every argument positionally, in the op's schema order.
+        values = list(args) + [kwargs[a.name] if a.name in kwargs else a.default_value
+                               for a in schema[len(args):]]
+        return dispatch_functionalize(implementation, FunctionalTensorMode())(*values)
+    return decomposition
 
 
 def load(path: PathLike) -> ExportedProgram:

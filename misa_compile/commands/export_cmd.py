@@ -1,7 +1,8 @@
 """`misa export MODULE:FACTORY`: export a model with its DSA indexers rewritten into misa ops, as a
-torch.export program (--out model.pt2, load it with misa_compile.load) and/or an ONNX model of
-standard operators (--onnx model.onnx). Prints the site report: which indexers were rewritten,
-which were refused and why.
+torch.export program (--out model.pt2, load it with misa_compile.load), an ONNX model of standard
+operators (--onnx model.onnx) and/or an AOTInductor package that runs without misa_compile
+(--aoti model_aoti.pt2, load it with torch._inductor.aoti_load_package). Prints the site report:
+which indexers were rewritten, which were refused and why.
 
 FACTORY is a function in an importable module (the current directory is importable) that returns
 (model, example_args): an nn.Module and its positional example inputs, one tensor or a tuple.
@@ -43,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it)")
     parser.add_argument("--onnx", metavar="FILE.onnx",
                         help="write an ONNX model; misa ops become standard ONNX operators")
+    parser.add_argument("--aoti", metavar="FILE.pt2",
+                        help="write an AOTInductor package (torch._inductor.aoti_load_package "
+                             "runs it without misa_compile); on CPU it needs static shapes (no "
+                             "--dynamic)")
     parser.add_argument("--config", metavar="FILE.json",
                         help="MisaConfig fields as a JSON object, per-site settings included "
                              "(e.g. the tuned.json of misa tune); the options below override "
@@ -75,26 +80,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Checks every argument (UsageError, raised to the command line's handler), then exports."""
-    if not args.out and not args.onnx:
-        raise UsageError("give --out FILE.pt2, --onnx FILE.onnx or both")
+    if not args.out and not args.onnx and not args.aoti:
+        raise UsageError("give --out FILE.pt2, --onnx FILE.onnx, --aoti FILE.pt2, or several")
     if args.out:
         writable_file(args.out, "--out", ".pt2", "a torch.export program (for ONNX use --onnx)")
     if args.onnx:
         writable_file(args.onnx, "--onnx", ".onnx", "an ONNX model")
-    if args.out and args.onnx and os.path.abspath(args.out) == os.path.abspath(args.onnx):
-        raise UsageError("--out and --onnx name the same file")
+    if args.aoti:
+        writable_file(args.aoti, "--aoti", ".pt2", "an AOTInductor package")
+    outputs = [(option, path) for option, path in
+               (("--out", args.out), ("--onnx", args.onnx), ("--aoti", args.aoti)) if path]
+    for i, (option, path) in enumerate(outputs):
+        for other, other_path in outputs[i + 1:]:
+            if os.path.abspath(path) == os.path.abspath(other_path):
+                raise UsageError(f"{option} and {other} name the same file")
     config = config_from_args(args)
     factory = load_factory(args.factory)
     factory_kwargs = parse_factory_args(args.factory_arg)
     check_factory_kwargs(factory, factory_kwargs, args.factory)
     if args.topk_limit is not None and args.topk_limit < 1:
         raise UsageError(f"--topk-limit={args.topk_limit}: must be >= 1")
-    from misa_compile.export import ExportError
+    from misa_compile.export import ExportError, PackageError
     from misa_compile.onnx_export import OnnxExportError, UnsupportedOnnxSite
 
     try:
         return _export(args, config, factory, factory_kwargs)
-    except (ExportError, OnnxExportError, UnsupportedOnnxSite, FactoryError) as error:
+    except (ExportError, PackageError, OnnxExportError, UnsupportedOnnxSite,
+            FactoryError) as error:
         # Their messages are written for the user, sometimes over several lines.
         print(f"misa export: {error}", file=sys.stderr)
         return 1
@@ -113,6 +125,7 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
     stages = ["build the model", "export and rewrite"]
     stages += ["save " + args.out] if args.out else []
     stages += ["write " + args.onnx] if args.onnx else []
+    stages += ["compile " + args.aoti] if args.aoti else []
     progress = tqdm(total=len(stages), desc="misa export", unit="stage", file=sys.stderr,
                     disable=args.no_progress or not sys.stderr.isatty())
     with progress:
@@ -146,11 +159,15 @@ def _export(args: argparse.Namespace, config, factory, factory_kwargs: dict[str,
             misa_compile.to_onnx(result, path=args.onnx, custom_domain=args.custom_domain,
                                  topk_limit=args.topk_limit)
             progress.update()
+        if args.aoti:
+            progress.set_postfix_str("compile " + args.aoti)
+            misa_compile.package_aoti(result, args.aoti)
+            progress.update()
     print(result.report)
     for line in unapplied:
         print(f"misa export: warning: {line}", file=sys.stderr)
     print("program inputs: " + ", ".join(input_shapes(result.program)))
-    for path in (args.out, args.onnx):
+    for path in (args.out, args.onnx, args.aoti):
         if path:
             print(f"wrote {path}")
     return 0
