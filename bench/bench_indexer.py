@@ -28,7 +28,7 @@ import triton
 import misa_compile  # noqa: F401
 from misa_compile.config import MisaConfig
 from misa_compile.kernels import indexer_topk
-from misa_compile.kernels.triton.row_topk import topk_rows
+from misa_compile.kernels.triton.selection.row_topk import topk_rows
 from workloads import hf_indexer_topk, make_inputs, quantize_fp8, recall, visible_pairs
 
 K_TOP, ACTIVE, ROUTER_BLOCK, N_CAND, HISA_BLOCK, HISA_M = 2048, 8, 1024, 8192, 128, 64

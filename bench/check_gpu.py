@@ -20,8 +20,8 @@ import torch
 
 import misa_compile  # noqa: F401  (registers the ops and their CUDA kernels)
 from misa_compile.kernels import reference, torch_impl
-from misa_compile.kernels.triton.router import route_heads as paged_route_heads
-from misa_compile.kernels.triton.row_topk import topk_rows
+from misa_compile.kernels.triton.launch.route_heads import route_heads as paged_route_heads
+from misa_compile.kernels.triton.selection.row_topk import topk_rows
 from workloads import make_inputs, true_scores
 
 ops = torch.ops.misa

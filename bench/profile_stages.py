@@ -15,12 +15,13 @@ import misa_compile  # noqa: F401
 from misa_compile.kernels.torch_impl import gather_heads
 from misa_compile.kernels.triton import candidate_topk as ct
 from misa_compile.kernels.triton import sample_threshold as st
-from misa_compile.kernels.triton.compact_rows import _tuned_kernel as compact_rows_tuned
-from misa_compile.kernels.triton.compact_rows import compact_rows
-from misa_compile.kernels.triton.index_scores import index_scores
-from misa_compile.kernels.triton.query_scores import query_scores
-from misa_compile.kernels.triton.router import pooled_keys, route_heads
-from misa_compile.kernels.triton.row_topk import plan_selection, topk_rows
+from misa_compile.kernels.triton.selection.compact_rows import _tuned_kernel as compact_rows_tuned
+from misa_compile.kernels.triton.selection.compact_rows import compact_rows
+from misa_compile.kernels.triton.scoring.index_scores import index_scores
+from misa_compile.kernels.triton.scoring.query_scores import query_scores
+from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+from misa_compile.kernels.triton.launch.route_heads import route_heads
+from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
 from workloads import make_inputs
 
 

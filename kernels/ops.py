@@ -17,7 +17,15 @@ Common arguments:
             q.float() * q_scale[..., None] and k.float() * k_scale[..., None] (dequantized FP8
             inputs; any input dtype; None = 1)
 Selections: (values fp32, indices int64) [B,S,min(k_top,T)]; -inf values mark entries past the
-visible keys, whose indices are in [0, T) but meaningless."""
+visible keys, whose indices are in [0, T) but meaningless.
+
+Out-of-range input VALUES (a head id outside [0, H), a q_scale / k_scale entry that is not finite
+and > 0) raise a ValueError on the CPU and, on CUDA, in debug mode (validation.debug_checks or
+MISA_DEBUG_CHECKS=1). On CUDA otherwise the op never synchronises with the host to look at them:
+what indexes memory is clamped, and each affected query's row is poisoned: values NaN and
+indices -1. route_heads gives the row -1 heads, which poison the routed_topk row that consumes
+them; hisa_candidates gives it -1 ids, and rerank_topk, handed the same scales, poisons the row
+itself. A bad k_scale entry poisons every row of its sequence."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -26,8 +34,8 @@ import torch
 from torch import Tensor
 
 from . import torch_impl
-from .validation import (check_index_tensor, check_indexer_inputs, check_positive_int,
-                         check_same_device, check_scale)
+from .validation import (check_index_range, check_index_tensor, check_indexer_inputs,
+                         check_positive_int, check_same_device, check_scale)
 
 _ROUTERS = ("score", "qnorm")
 
@@ -61,6 +69,63 @@ def _topk_outputs(q: Tensor, k: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
     return (q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.int64))
 
 
+def check_dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk, q_scale,
+                     k_scale) -> None:
+    """misa.dense_topk: shape checks always; value checks where
+    validation.host_value_checks says so."""
+    check_indexer_inputs("misa.dense_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
+    check_positive_int("misa.dense_topk", "k_top", k_top)
+    check_scale("misa.dense_topk", scale)
+
+
+def check_route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask,
+                      chunk, q_scale, k_scale) -> None:
+    """misa.route_heads: shape checks always; value checks where
+    validation.host_value_checks says so."""
+    shape = check_indexer_inputs("misa.route_heads", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
+    check_positive_int("misa.route_heads", "active_heads", active_heads, shape.heads)
+    check_positive_int("misa.route_heads", "block_size", block_size)
+    if router not in _ROUTERS:
+        raise ValueError(f"misa.route_heads: router={router!r}; allowed: {_ROUTERS}")
+
+
+def check_routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale, k_scale) -> None:
+    """misa.routed_topk: shape checks always; value checks where
+    validation.host_value_checks says so."""
+    shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
+    check_same_device("misa.routed_topk", q, heads=heads)
+    check_index_tensor("misa.routed_topk", "heads", heads, shape)
+    check_positive_int("misa.routed_topk", "k_top", k_top)
+    check_scale("misa.routed_topk", scale)
+    check_index_range("misa.routed_topk", "heads", heads, shape.heads, "H")
+
+
+def check_rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale, k_scale) -> None:
+    """misa.rerank_topk: shape checks always; value checks where
+    validation.host_value_checks says so."""
+    shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
+    check_same_device("misa.rerank_topk", q, candidates=candidates)
+    check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
+    check_positive_int("misa.rerank_topk", "k_top", k_top)
+    check_scale("misa.rerank_topk", scale)
+
+
+def check_hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk,
+                          q_scale, k_scale) -> None:
+    """misa.hisa_candidates: shape checks always; value checks where
+    validation.host_value_checks says so."""
+    check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask,
+                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
+    check_positive_int("misa.hisa_candidates", "block_size", block_size)
+    check_positive_int("misa.hisa_candidates", "num_blocks", num_blocks)
+
+
 @torch.library.custom_op("misa::dense_topk", mutates_args=())
 def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
                causal: bool = True, key_start: Optional[Tensor] = None,
@@ -68,10 +133,8 @@ def dense_topk(q: Tensor, k: Tensor, w: Tensor, k_top: int, scale: float = 1.0,
                chunk: int = 0, q_scale: Optional[Tensor] = None,
                k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The DSA lightning indexer with all H heads, then top-k over the visible keys."""
-    check_indexer_inputs("misa.dense_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
-    check_positive_int("misa.dense_topk", "k_top", k_top)
-    check_scale("misa.dense_topk", scale)
+    check_dense_topk(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk, q_scale,
+                     k_scale)
     return _implementation("dense_topk", q.device)(q, k, w, k_top, scale, causal, key_start,
         key_end, mask, chunk, q_scale, k_scale)
 
@@ -92,12 +155,8 @@ def route_heads(q: Tensor, k: Tensor, w: Tensor, active_heads: int, block_size: 
                 k_scale: Optional[Tensor] = None) -> Tensor:
     """The MISA router: per query, the `active_heads` heads with the largest
     |w| * sum over visible key blocks of ReLU(q . mean key of the block). int64 [B,S,h]."""
-    shape = check_indexer_inputs("misa.route_heads", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
-    check_positive_int("misa.route_heads", "active_heads", active_heads, shape.heads)
-    check_positive_int("misa.route_heads", "block_size", block_size)
-    if router not in _ROUTERS:
-        raise ValueError(f"misa.route_heads: router={router!r}; allowed: {_ROUTERS}")
+    check_route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask,
+                      chunk, q_scale, k_scale)
     return _implementation("route_heads", q.device)(q, k, w, active_heads, block_size, router,
         causal, key_start, key_end, mask, chunk, q_scale, k_scale)
 
@@ -118,18 +177,8 @@ def routed_topk(q: Tensor, k: Tensor, w: Tensor, heads: Tensor, k_top: int, scal
                 k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """MISA sparse scoring + selection: the index score summed over each query's routed heads
     only (original signed weights), then top-k."""
-    shape = check_indexer_inputs("misa.routed_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
-    check_same_device("misa.routed_topk", q, heads=heads)
-    check_index_tensor("misa.routed_topk", "heads", heads, shape)
-    check_positive_int("misa.routed_topk", "k_top", k_top)
-    check_scale("misa.routed_topk", scale)
-    if heads.numel():
-        # One host sync for both bounds (min and max read separately would take two).
-        low, high = torch.stack(heads.aminmax()).tolist()
-        if low < 0 or high >= shape.heads:
-            raise ValueError(f"misa.routed_topk: heads must lie in [0, H) = [0, {shape.heads}), "
-                             f"got values in [{low}, {high}]")
+    check_routed_topk(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale, k_scale)
     return _implementation("routed_topk", q.device)(q, k, w, heads, k_top, scale, causal,
         key_start, key_end, mask, chunk, q_scale, k_scale)
 
@@ -150,12 +199,8 @@ def rerank_topk(q: Tensor, k: Tensor, w: Tensor, candidates: Tensor, k_top: int,
                 k_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Exact all-head index scores of candidate keys [B,S,C] only, then top-k among them.
     Candidates outside [0, T) (e.g. -1) are ignored; C < k_top pads with -inf."""
-    shape = check_indexer_inputs("misa.rerank_topk", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
-    check_same_device("misa.rerank_topk", q, candidates=candidates)
-    check_index_tensor("misa.rerank_topk", "candidates", candidates, shape)
-    check_positive_int("misa.rerank_topk", "k_top", k_top)
-    check_scale("misa.rerank_topk", scale)
+    check_rerank_topk(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk,
+                      q_scale, k_scale)
     return _implementation("rerank_topk", q.device)(q, k, w, candidates, k_top, scale, causal,
         key_start, key_end, mask, chunk, q_scale, k_scale)
 
@@ -178,10 +223,8 @@ def hisa_candidates(q: Tensor, k: Tensor, w: Tensor, block_size: int = 128,
     """HISA's block filter: key indices of the first and last visible block plus the top blocks
     by all-head signed block score; int64 [B,S,min(min(m, ceil(T/block))*block, T)], -1 past T.
     When the m blocks are all ceil(T/block) blocks, the ids are every key 0..T-1 in order."""
-    check_indexer_inputs("misa.hisa_candidates", q, k, w, key_start, key_end, mask,
-                         causal=causal, chunk=chunk, q_scale=q_scale, k_scale=k_scale)
-    check_positive_int("misa.hisa_candidates", "block_size", block_size)
-    check_positive_int("misa.hisa_candidates", "num_blocks", num_blocks)
+    check_hisa_candidates(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask, chunk,
+                          q_scale, k_scale)
     return _implementation("hisa_candidates", q.device)(q, k, w, block_size, num_blocks, causal,
         key_start, key_end, mask, chunk, q_scale, k_scale)
 

@@ -15,7 +15,13 @@ key_start = 0, key_end = seq_len (dense_topk, or route_heads + routed_topk): (va
 indices int64) [B, min(k_top, pages * page)], indices being positions in the sequence. The one
 refinement: the router pools each sequence's keys [0, seq_len) only, so its last partial block
 averages written keys, never the unwritten slots of its last page. A sequence with seq_len 0
-gets -inf everywhere."""
+gets -inf everywhere.
+
+Out-of-range values (a seq_len outside [0, pages * page], a page id of a used page outside
+[0, P), a scale that is not finite and > 0) raise on the CPU and in debug mode
+(validation.debug_checks). On CUDA otherwise nothing is read from the host: lengths and page
+ids are clamped before any key is read, and the sequence's row is poisoned (values NaN,
+indices -1)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,7 +31,8 @@ from torch import Tensor
 
 from .ops import _implementation
 from .validation import (FLOAT_DTYPES, INDEX_DTYPES, QUANTIZED_DTYPES, _check_dequant_scale,
-                         _check_rank, check_positive_int, check_same_device, check_scale)
+                         _check_rank, check_positive_int, check_same_device, check_scale,
+                         host_value_checks)
 
 OP = "misa.paged_decode_topk"
 
@@ -103,6 +110,10 @@ def check_paged_inputs(q, k_cache, w, block_table, seq_lens, k_top, active_heads
 
 
 def _check_seq_lens_and_pages(seq_lens, block_table, num_pages, page) -> None:
+    # Value checks (validation.host_value_checks): on CUDA outside debug mode the launcher clamps
+    # lengths and pages and poisons the rows instead (launch/paged_decode_topk.py).
+    if not host_value_checks(seq_lens):
+        return
     capacity = block_table.shape[1] * page
     bad_len = (seq_lens < 0) | (seq_lens > capacity)
     # Only the pages a sequence uses must name a page of the cache.

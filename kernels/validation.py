@@ -1,8 +1,17 @@
-"""Input checks shared by every op implementation. They run on real tensors (never inside fake
-impls, where sizes may be symbolic) and raise errors that name the argument, what it was and what
-is allowed."""
+"""Input checks shared by every op implementation. They raise errors that name the argument, what
+it was and what is allowed.
+
+Shape, dtype and device checks are free and always run. Checks of tensor VALUES (scales > 0,
+head ids in [0, H), paged lengths and pages in range) need the values on the host: free on the
+CPU, where they always run, but a device-to-host synchronisation on CUDA, which would stall the
+stream on every call and forbid CUDA-graph capture. On CUDA they therefore run only in debug mode
+(`debug_checks()` or MISA_DEBUG_CHECKS=1); otherwise the kernels' launchers clamp what indexes
+memory and poison the affected rows' outputs instead (launch/device_checks.py, docs/ops.md)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +22,37 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # q_scale / k_scale; w stays in FLOAT_DTYPES.
 QUANTIZED_DTYPES = (torch.float8_e4m3fn,)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+_DEBUG = threading.local()
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True):
+    """Within the block, CUDA calls of the misa ops check their inputs' values on the host and
+    raise the same errors as on the CPU, at the cost of a synchronisation per call. Read when an
+    op runs eagerly or is traced: compile (torch.compile, export) inside the block to keep the
+    checks in a compiled graph (the ops then stay opaque calls)."""
+    previous = getattr(_DEBUG, "enabled", None)
+    _DEBUG.enabled = enabled
+    try:
+        yield
+    finally:
+        _DEBUG.enabled = previous
+
+
+def debug_checks_enabled() -> bool:
+    """debug_checks() when inside one, else the environment variable MISA_DEBUG_CHECKS=1."""
+    enabled = getattr(_DEBUG, "enabled", None)
+    if enabled is not None:
+        return enabled
+    return os.environ.get("MISA_DEBUG_CHECKS", "0") == "1"
+
+
+def host_value_checks(t: torch.Tensor) -> bool:
+    """Whether the value checks run on the host for inputs on t's device: always off CUDA (they
+    cost nothing there), in debug mode on CUDA."""
+    return t.device.type != "cuda" or debug_checks_enabled()
 
 
 @dataclass(frozen=True)
@@ -118,12 +158,25 @@ def _check_dequant_scale(op: str, name: str, scale: Optional[torch.Tensor], expe
     if tuple(scale.shape) != expected:
         raise ValueError(f"{op}: {name} has shape {tuple(scale.shape)}, expected {layout} = "
                          f"{list(expected)}")
+    if not host_value_checks(scale):
+        return
     bad = ~((scale > 0) & torch.isfinite(scale))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{op}: {name}{list(where)} = {float(scale[where])}; every scale must be "
                          "finite and > 0 (a zero or negative scale would change the ranking, "
                          "since ReLU commutes only with positive factors)")
+
+
+def check_index_range(op: str, name: str, t: torch.Tensor, high: int, what: str) -> None:
+    """Values of t in [0, high) (one host sync for both bounds); value check, see
+    host_value_checks."""
+    if not t.numel() or not host_value_checks(t):
+        return
+    low, top = torch.stack(t.aminmax()).tolist()
+    if low < 0 or top >= high:
+        raise ValueError(f"{op}: {name} must lie in [0, {what}) = [0, {high}), "
+                         f"got values in [{low}, {top}]")
 
 
 def check_positive_int(op: str, name: str, value: int, maximum: Optional[int] = None) -> None:

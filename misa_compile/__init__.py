@@ -6,6 +6,7 @@ from . import kernels_shadow
 # folder, which breaks transformers' probe for Hugging Face's `kernels` package.
 kernels_shadow.install(kernels.__path__)
 from .kernels import indexer_topk
+from .kernels.validation import debug_checks
 # Imported eagerly: the function `export` shares its name with the module misa_compile.export,
 # and a lazy attribute would be shadowed by the module as soon as anything imported it.
 from .export import export, load, package_aoti
@@ -15,7 +16,7 @@ from .report import SiteReport
 
 __version__ = "0.1.0"
 __all__ = ["MisaConfig", "SiteReport", "explain", "indexer_topk", "export", "load", "package_aoti",
-           "to_onnx", "__version__"]
+           "to_onnx", "debug_checks", "__version__"]
 
 
 def __getattr__(name: str):

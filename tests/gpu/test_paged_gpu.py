@@ -14,7 +14,8 @@ from misa_compile.kernels import reference, torch_impl
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 if torch.cuda.is_available():
-    from misa_compile.kernels.triton.router import pooled_keys, route_heads
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.launch.route_heads import route_heads
 
 ops = torch.ops.misa
 FP8 = torch.float8_e4m3fn

@@ -11,12 +11,13 @@ from misa_compile.kernels import reference, torch_impl
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 if torch.cuda.is_available():
-    from misa_compile.kernels.triton.candidate_topk import candidate_topk
-    from misa_compile.kernels.triton.index_scores import index_scores
-    from misa_compile.kernels.triton.query_scores import query_scores
-    from misa_compile.kernels.triton.router import pooled_keys, route_heads
-    from misa_compile.kernels.triton.row_topk import topk_rows
-    from misa_compile.kernels.triton.sample_threshold import sample_threshold
+    from misa_compile.kernels.triton.selection.candidate_topk import candidate_topk
+    from misa_compile.kernels.triton.scoring.index_scores import index_scores
+    from misa_compile.kernels.triton.scoring.query_scores import query_scores
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.launch.route_heads import route_heads
+    from misa_compile.kernels.triton.selection.row_topk import topk_rows
+    from misa_compile.kernels.triton.selection.sample_threshold import sample_threshold
 
 ops = torch.ops.misa
 

@@ -40,7 +40,7 @@ def test_fake_and_cpu_widths_agree(block_size, num_blocks, width):
 
 
 def test_triton_hisa_agrees_on_a_huge_block(monkeypatch):
-    from misa_compile.kernels.triton.hisa import hisa_candidates
+    from misa_compile.kernels.triton.launch.hisa_candidates import hisa_candidates
 
     q, k, w = inputs()
     ours = hisa_candidates(q, k, w, 10 ** 9, 2, True, None, None)

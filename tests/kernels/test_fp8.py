@@ -271,7 +271,7 @@ def test_opcheck_with_scales(op_name, dtype):
 
 if INTERPRETER:
     from misa_compile.kernels.triton import register as cuda_ops
-    from misa_compile.kernels.triton.router import pooled_keys
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 
 
 def _triton_site(seed, batch=1, queries=20, keys=70, heads=4, dim=32, k_dtype=FP8):
@@ -304,13 +304,13 @@ def test_triton_scored_topk_with_fp8(k_dtype, queries, causal, ragged):
     ke = ks + torch.randint(0, 60, (1, queries), generator=gen) if ragged else None
     vis = (causal, ks, ke, None, 0, q_scale, k_scale)
     scales = dict(q_scale=q_scale, k_scale=k_scale)
-    values, indices = cuda_ops._dense_topk_cuda(q8, k, w, 12, 0.5, *vis)
+    values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["dense_topk"](q8, k, w, 12, 0.5, *vis)
     scores = reference.dense_scores(q8, k, w, 0.5, causal, ks, ke, **scales)
     _assert_selection_scores(values, indices, scores, 12)
-    heads = cuda_ops._route_heads_cuda(q8, k, w, 2, 16, "score", *vis)
+    heads = cuda_ops.CUDA_IMPLEMENTATIONS["route_heads"](q8, k, w, 2, 16, "score", *vis)
     router = reference.router_scores(q8, k, w, 16, causal, ks, ke, **scales)
     assert_valid_topk(heads, router, 2, rel_tol=2e-6)
-    values, indices = cuda_ops._routed_topk_cuda(q8, k, w, heads, 12, 1.0, *vis)
+    values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["routed_topk"](q8, k, w, heads, 12, 1.0, *vis)
     routed = reference.routed_scores(q8, k, w, heads, 1.0, causal, ks, ke, **scales)
     _assert_selection_scores(values, indices, routed, 12)
 
@@ -320,10 +320,10 @@ def test_triton_rerank_and_hisa_with_fp8():
     q8, k8, w, q_scale, k_scale = _triton_site(5)
     vis = (True, None, None, None, 0, q_scale, k_scale)
     scales = dict(q_scale=q_scale, k_scale=k_scale)
-    kept = cuda_ops._hisa_candidates_cuda(q8, k8, w, 16, 3, *vis)
+    kept = cuda_ops.CUDA_IMPLEMENTATIONS["hisa_candidates"](q8, k8, w, 16, 3, *vis)
     want = torch_impl.hisa_candidates(q8, k8, w, 16, 3, *vis)
     assert head_sets(kept) == head_sets(want)
-    values, indices = cuda_ops._rerank_topk_cuda(q8, k8, w, kept, 12, 1.0, *vis)
+    values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["rerank_topk"](q8, k8, w, kept, 12, 1.0, *vis)
     scores = reference.dense_scores(q8, k8, w, 1.0, True, **scales)
     _assert_selection_scores(values, indices, _restricted(scores, kept), 12)
 

@@ -325,7 +325,7 @@ def test_compile_dynamic_traces_once():
 if INTERPRETER:
     from misa_compile.kernels import torch_impl
     from misa_compile.kernels.triton import register as cuda_ops
-    from misa_compile.kernels.triton.router import pooled_keys
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 
 triton_only = pytest.mark.skipif(not INTERPRETER,
                                  reason="CPU interpreter tests (the GPU has tests/gpu)")
@@ -337,7 +337,7 @@ triton_only = pytest.mark.skipif(not INTERPRETER,
 def test_triton_paged_matches_the_torch_implementation(active_heads, k_top):
     q, k_cache, w, table, seq_lens = paged_site(SEQ_LENS, seed=7)
     args = (q, k_cache, w, table, seq_lens, k_top, active_heads, 32, 0.5)
-    values, indices = cuda_ops._paged_decode_topk_cuda(*args)
+    values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["paged_decode_topk"](*args)
     want_values, want_indices = torch_impl.paged_decode_topk(*args)
     k = gathered(k_cache, table, seq_lens)
     heads = reference_heads(q, k, w, seq_lens, active_heads, 32) if active_heads else None
@@ -352,7 +352,7 @@ def test_triton_paged_matches_the_torch_implementation(active_heads, k_top):
 def test_triton_paged_with_fp8(active_heads):
     q8, k8, w, table, seq_lens, q_scale, k_scale = fp8_site(SEQ_LENS, seed=8)
     scales = (q_scale, k_scale)
-    values, indices = cuda_ops._paged_decode_topk_cuda(q8, k8, w, table, seq_lens, 10,
+    values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["paged_decode_topk"](q8, k8, w, table, seq_lens, 10,
                                                        active_heads, 32, 1.0, *scales)
     k = gathered(k8, table, seq_lens, k_scale)
     heads = (reference_heads(q8, k, w, seq_lens, active_heads, 32, q_scale) if active_heads

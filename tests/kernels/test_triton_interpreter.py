@@ -17,16 +17,17 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 if os.environ.get("TRITON_INTERPRET") == "1":
     import triton
 
-    from misa_compile.kernels.triton.candidate_topk import candidate_topk
-    from misa_compile.kernels.triton.compact_rows import compact_rows
+    from misa_compile.kernels.triton.selection.candidate_topk import candidate_topk
+    from misa_compile.kernels.triton.selection.compact_rows import compact_rows
     import triton.language as tl
 
     from misa_compile.kernels.triton.common import append_candidates
-    from misa_compile.kernels.triton.hisa import hisa_candidates
-    from misa_compile.kernels.triton.rerank import rerank_topk
-    from misa_compile.kernels.triton.router import pooled_keys, route_heads
-    from misa_compile.kernels.triton.row_topk import plan_selection, topk_rows
-    from misa_compile.kernels.triton.select import scored_topk
+    from misa_compile.kernels.triton.launch.hisa_candidates import hisa_candidates
+    from misa_compile.kernels.triton.launch.rerank_topk import rerank_topk
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.launch.route_heads import route_heads
+    from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
+    from misa_compile.kernels.triton.launch.scored_topk import scored_topk
 
 FEW = settings(max_examples=4, deadline=None, derandomize=True)
 NEG_INF = float("-inf")

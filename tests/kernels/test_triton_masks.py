@@ -21,12 +21,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     from misa_compile.kernels.triton import register
-    from misa_compile.kernels.triton.hisa import hisa_candidates
-    from misa_compile.kernels.triton.index_scores import index_scores
-    from misa_compile.kernels.triton.rerank import rerank_topk
-    from misa_compile.kernels.triton.router import route_heads
-    from misa_compile.kernels.triton.row_topk import plan_selection
-    from misa_compile.kernels.triton.select import scored_topk
+    from misa_compile.kernels.triton.launch.hisa_candidates import hisa_candidates
+    from misa_compile.kernels.triton.scoring.index_scores import index_scores
+    from misa_compile.kernels.triton.launch.rerank_topk import rerank_topk
+    from misa_compile.kernels.triton.launch.route_heads import route_heads
+    from misa_compile.kernels.triton.selection.row_topk import plan_selection
+    from misa_compile.kernels.triton.launch import scored_topk as scored_topk_module
+    from misa_compile.kernels.triton.launch.scored_topk import scored_topk
 
 NEG_INF = float("-inf")
 forms = pytest.mark.parametrize("form", MASK_FORMS, ids=FORM_IDS)
@@ -175,14 +176,14 @@ def test_cuda_op_implementations_with_a_mask_end_to_end(variant):
     for m in (mask, additive):
         vis = (False, None, None, m, 0)
         if variant == "dense":
-            values, indices = register._dense_topk_cuda(q, k, w, 20, 1.0, *vis)
+            values, indices = register.CUDA_IMPLEMENTATIONS["dense_topk"](q, k, w, 20, 1.0, *vis)
             ref_v, _ = reference.dense_topk(q, k, w, 20, 1.0, False, mask=m)
         elif variant == "hisa":
-            cand = register._hisa_candidates_cuda(q, k, w, 16, 4, *vis)
-            values, indices = register._rerank_topk_cuda(q, k, w, cand, 20, 1.0, *vis)
+            cand = register.CUDA_IMPLEMENTATIONS["hisa_candidates"](q, k, w, 16, 4, *vis)
+            values, indices = register.CUDA_IMPLEMENTATIONS["rerank_topk"](q, k, w, cand, 20, 1.0, *vis)
             ref_v, _ = reference.hisa_topk(q, k, w, 20, 16, 4, 1.0, False, mask=m)
         else:
-            heads = register._route_heads_cuda(q, k, w, 2, 32, "score", *vis)
+            heads = register.CUDA_IMPLEMENTATIONS["route_heads"](q, k, w, 2, 32, "score", *vis)
             r = reference.router_scores(q, k, w, 32, False, mask=m)
             # Router scores tie at 0 (ReLU): compare the scores of the chosen heads, then
             # follow our heads in the reference.
@@ -190,11 +191,11 @@ def test_cuda_op_implementations_with_a_mask_end_to_end(variant):
                                r.topk(2, dim=-1).values.sort(-1).values)
             routed = reference.routed_scores(q, k, w, heads, 1.0, False, mask=m)
             if variant == "misa":
-                values, indices = register._routed_topk_cuda(q, k, w, heads, 20, 1.0, *vis)
+                values, indices = register.CUDA_IMPLEMENTATIONS["routed_topk"](q, k, w, heads, 20, 1.0, *vis)
                 ref_v = routed.topk(20, dim=-1).values
             else:
-                _, cand = register._routed_topk_cuda(q, k, w, heads, 40, 1.0, *vis)
-                values, indices = register._rerank_topk_cuda(q, k, w, cand, 20, 1.0, *vis)
+                _, cand = register.CUDA_IMPLEMENTATIONS["routed_topk"](q, k, w, heads, 40, 1.0, *vis)
+                values, indices = register.CUDA_IMPLEMENTATIONS["rerank_topk"](q, k, w, cand, 20, 1.0, *vis)
                 allowed = torch.zeros_like(routed, dtype=torch.bool).scatter_(
                     -1, routed.topk(40, dim=-1).indices, True)
                 ref_v = reference.dense_scores(q, k, w, 1.0, False, mask=m).masked_fill(
@@ -232,8 +233,8 @@ def test_cuda_fallback_warns_once_per_reason(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            heads = register._route_heads_cuda(q, k, w, 2, 8, "qnorm", True, None, None, None, 0)
-            register._route_heads_cuda(q, k, w, 2, 8, "score", True, None, None, None, 0)
+            heads = register.CUDA_IMPLEMENTATIONS["route_heads"](q, k, w, 2, 8, "qnorm", True, None, None, None, 0)
+            register.CUDA_IMPLEMENTATIONS["route_heads"](q, k, w, 2, 8, "score", True, None, None, None, 0)
     messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
     assert len(messages) == 1 and "qnorm" in messages[0], messages
     assert torch.equal(heads, torch_impl.route_heads(q, k, w, 2, 8, "qnorm", True, None, None,
@@ -279,9 +280,9 @@ def test_opcheck_with_a_broadcast_mask():
 
 
 @pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
-def test_rows_redone_by_torch_keep_their_mask(additive, monkeypatch):
+def test_rows_redone_on_the_device_keep_their_mask(additive, monkeypatch):
     # Every key equal: each row's scores tie, the candidate lists overflow, and the flagged rows
-    # are redone by the torch implementation, which must see those rows' mask.
+    # are rescored and selected on the device, which must apply those rows' mask.
     q, k, w = make(1, 16, 300, 4, seed=24)
     k[:] = k[0, :1]
     # More visible keys (about 290) than a candidate list holds (256).
@@ -290,15 +291,15 @@ def test_rows_redone_by_torch_keep_their_mask(additive, monkeypatch):
     if additive:
         # 0 / -inf only: visible scores stay tied.
         mask = torch.zeros(mask.shape).masked_fill(~mask, NEG_INF)
-    redone = []
-    original = torch_impl.dense_topk
+    flagged = []
+    original = scored_topk_module.rescore_flagged_rows
 
-    def spy(*args, **kwargs):
-        redone.append(args[8])
-        return original(*args, **kwargs)
-    monkeypatch.setattr(torch_impl, "dense_topk", spy)
+    def spy(q, k, w, flags, *args, **kwargs):
+        flagged.append(int(flags.sum()))
+        return original(q, k, w, flags, *args, **kwargs)
+    monkeypatch.setattr(scored_topk_module, "rescore_flagged_rows", spy)
     values, indices = scored_topk(q, k, w, None, 10, 1.0, True, None, None, mask=mask)
-    assert redone and redone[0] is not None
+    assert sum(flagged) > 0
     scores = reference.dense_scores(q, k, w, mask=mask)
     assert_same_selection(values, indices, scores, 10)
     assert torch.isfinite(scores.gather(-1, indices)[torch.isfinite(values)]).all()

@@ -10,10 +10,11 @@ land in any order. Either way the count keeps growing past the capacity, so that
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import INTERPRET
+from ..common import INTERPRET
 
 # Programs that fill the card (132 SMs on an H100/H200, a few resident per SM).
 TARGET_PROGRAMS = 1024
@@ -53,19 +54,15 @@ def compact_rows_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, 
         tl.store(count_ptr + r, count)
 
 
-def _reset_count(kwargs, reset_only=False):
-    # Split rows accumulate into the count; whole rows overwrite it.
-    if kwargs["SPLIT"]:
-        kwargs["count_ptr"].zero_()
-
-
 # Narrow programs with many resident per SM hide the latency of each piece's prefix sum; the
 # tuner picks the piece width and warps per program (keyed on the capacity and split, so the
 # many widths of causal chunks do not each retune).
 _tuned_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK": block}, num_warps=warps)
              for block, warps in ((512, 1), (1024, 1), (1024, 2), (2048, 4), (4096, 8))],
-    key=["CAP", "SPLIT"], pre_hook=_reset_count,
+    # Split rows accumulate into the count (whole rows overwrite it): every tuning run starts
+    # from zero. reset_to_zero, not a pre_hook, so that Inductor can tune the kernel itself.
+    key=["CAP", "SPLIT"], reset_to_zero=["count_ptr"],
 )(compact_rows_kernel)
 
 
@@ -89,7 +86,7 @@ def compact_rows(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
     args = (src, lo, cand_val, cand_idx, count, rows, n_cols, cols_per_program, src.stride(0),
             src.stride(1))
     if INTERPRET:
-        compact_rows_kernel[grid](*args, CAP=cand_val.shape[1], SPLIT=split, BLOCK=16,
+        wrap_triton(compact_rows_kernel)[grid](*args, CAP=cand_val.shape[1], SPLIT=split, BLOCK=16,
                                   num_warps=1)
         return
-    _tuned_kernel[grid](*args, CAP=cand_val.shape[1], SPLIT=split)
+    wrap_triton(_tuned_kernel)[grid](*args, CAP=cand_val.shape[1], SPLIT=split)

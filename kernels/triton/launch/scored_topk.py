@@ -6,7 +6,8 @@ Per chunk of queries (extra memory O(chunk x (T/16 + capacity)), never O(chunk x
   2. index_scores scores all visible keys and appends only the scores >= lo to short per-row
      candidate lists (about 1.4 k entries instead of T);
   3. candidate_topk selects exactly within each list and flags the rare row whose threshold
-     missed; flagged rows are recomputed by the chunked torch implementation.
+     missed; flagged rows are rescored and selected exactly on the device
+     (selection/flagged_topk.py), so nothing waits on the host.
 Routed heads are gathered once into contiguous [B, S, h, D] / [B, S, h] tensors, so routed
 scoring is the dense kernel over h heads with plain strided loads (measured 27% faster on an
 H100 than gathering through the head table inside the kernel's loads). Chunks whose keys fit a
@@ -25,34 +26,19 @@ from typing import Optional
 
 import torch
 
-from .. import torch_impl
-from ..torch_impl import gather_heads
-from .candidate_topk import MAX_ROW, candidate_topk
-from .hidden_tails import hidden_tails
-from .index_scores import index_scores
-from .query_scores import query_scores
-from .row_topk import plan_selection, topk_rows
-from .sample_threshold import sample_threshold
+from ...torch_impl import gather_heads
+from ..selection.candidate_topk import MAX_ROW, candidate_topk
+from ..selection.flagged_topk import rescore_flagged_rows
+from ..selection.hidden_tails import hidden_tails
+from ..scoring.index_scores import index_scores
+from ..scoring.query_scores import query_scores
+from ..selection.row_topk import plan_selection, topk_rows
+from ..selection.sample_threshold import sample_threshold
 
 # Below this many queries per sequence the queries-as-rows tile would be mostly padding.
 FEW_QUERIES = 16
 # Scratch per chunk (sample scores + candidate lists, or full scores on the direct path).
 CHUNK_BUDGET_BYTES = 1 << 30
-
-
-def visible_bounds(batch: int, queries: int, T: int, row0: int, rows: int, causal: bool,
-                   key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 [B, rows] (lo, hi): the visible key range [lo, hi) of each query, clamped to [0, T]."""
-    t = torch.arange(row0, row0 + rows, device=device)
-    lo = torch.zeros(batch, rows, dtype=torch.int64, device=device)
-    hi = torch.full((batch, rows), T, dtype=torch.int64, device=device)
-    if causal:
-        hi = torch.minimum(hi, (T - queries + t + 1)[None, :])
-    if key_start is not None:
-        lo = torch.maximum(lo, key_start[:, row0:row0 + rows].long())
-        hi = torch.minimum(hi, key_end[:, row0:row0 + rows].long())
-    return lo.clamp(0, T), hi.clamp(0, T)
 
 
 def visible_end(batch: int, queries: int, T: int, row0: int, rows: int, causal: bool,
@@ -78,7 +64,8 @@ def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int
     return max(128, min(queries, rows // 128 * 128))
 
 
-def _gather_routed(q: torch.Tensor, w: torch.Tensor, heads: torch.Tensor):
+def gather_routed(q: torch.Tensor, w: torch.Tensor, heads: torch.Tensor):
+    """q [B, S, h, D], w [B, S, h] of each query's routed heads (ids in [0, H))."""
     if q.element_size() == 1:
         # torch.gather has no float8 kernels: the bytes move as uint8.
         q_bytes, w_routed = gather_heads(q.view(torch.uint8), w, heads)
@@ -101,7 +88,7 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
     K = min(k_top, T)
     device = q.device
     if heads is not None:
-        q, w = _gather_routed(q, w, heads)
+        q, w = gather_routed(q, w, heads)
     values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
     indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
     vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, k_scale=k_scale,
@@ -123,7 +110,6 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
     else:
         per_row = widest.n_sample * 4 + widest.capacity * 8 + 16
     step = _chunk_rows(batch, queries, per_row, chunk)
-    bad = torch.zeros(batch, queries, dtype=torch.bool, device=device)
     for row0 in range(0, queries, step):
         rows = min(step, queries - row0)
         # Keys past the chunk's last visible key (causal) are hidden from all of its queries.
@@ -160,10 +146,7 @@ def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Option
         candidate_topk(cand_val.view(batch, rows, -1), K, T, out_v, out_i,
                        ids=cand_idx.view(batch, rows, -1), count=count, lo=lo,
                        tail_base=tail_base, flags=flags)
-        bad[:, row0:row0 + rows] = flags.view(batch, rows).bool()
-    if bad.any():
-        _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, mask,
-                        values, indices)
+        rescore_flagged_rows(q, k, w, flags, K, out_v, out_i, rows=rows, row0=row0, **vis)
     _hide_tails(values, indices, T, **vis)
     return values, indices
 
@@ -173,24 +156,3 @@ def _hide_tails(values, indices, T, *, causal, key_start, key_end, mask, **_):
     registers were selected by torch.topk, whose ids are distinct already."""
     if mask is not None and values.shape[-1] <= MAX_ROW:
         hidden_tails(values, indices, mask, T, causal, key_start, key_end)
-
-
-def _recompute_rows(bad, q, k, w, k_top, scale, causal, key_start, key_end, k_scale, mask,
-                    values, indices):
-    """Rows whose sampled threshold missed, redone exactly by the chunked torch implementation
-    with their visibility spelled as explicit ranges plus their rows of the mask (a copy of
-    those rows only)."""
-    batch, queries = bad.shape
-    T = k.shape[1]
-    lo, hi = visible_bounds(batch, queries, T, 0, queries, causal, key_start, key_end, q.device)
-    for b in range(batch):
-        rows = bad[b].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        k_scale_b = k_scale[b:b + 1] if k_scale is not None else None
-        mask_b = None if mask is None else mask.expand(batch, queries, T)[b:b + 1, rows]
-        v, i = torch_impl.dense_topk(q[b:b + 1, rows], k[b:b + 1], w[b:b + 1, rows], k_top, scale,
-                                     False, lo[b:b + 1, rows], hi[b:b + 1, rows], mask_b, 0,
-                                     k_scale=k_scale_b)
-        values[b, rows] = v[0]
-        indices[b, rows] = i[0]

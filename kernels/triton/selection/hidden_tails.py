@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, load_mask_tile, mask_operand, next_pow2, visible_range
+from ..common import INTERPRET, load_mask_tile, mask_operand, next_pow2, visible_range
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def hidden_tails(values: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor
     ragged = key_start is not None
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     block_k = next_pow2(max(K, 16))
-    hidden_tails_kernel[(batch * queries,)](
+    wrap_triton(hidden_tails_kernel)[(batch * queries,)](
         values, indices, mask_t, key_start if ragged else mask_t,
         key_end if ragged else mask_t, queries, queries, T, K,
         values.stride(0), values.stride(1), *rstr, *mstr,

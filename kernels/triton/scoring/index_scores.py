@@ -26,15 +26,14 @@ and tiles that no query of the tile can see are skipped (causal diagonal, ragged
 out blocks)."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
 
-from .common import (INTERPRET, MASK_NONE, append_candidates, dot_block_d, dot_config,
+from ..common import (INTERPRET, MASK_NONE, append_candidates, dot_block_d, dot_config,
                      load_mask_tile, mask_operand, visible_range)
 
 MODE_FULL = 0
@@ -132,11 +131,6 @@ def index_scores_kernel(
         tl.store(out, scores, mask=row_ok[:, None] & (cols < n_cols)[None, :])
 
 
-def _reset_count(kwargs, reset_only=False):
-    if kwargs.get("count_ptr") is not None:
-        kwargs["count_ptr"].zero_()
-
-
 # Autotuned per (head slots, head dim, mode, routing, operand dtype). 64 x 128 tiles keep the
 # two fp32 accumulators of a tile in one warpgroup's registers; 128 x 128 and 64 x 256 halve
 # the reloads of the per-head query tiles (which come from L2) per key. EMIT also tries both
@@ -156,7 +150,9 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "KEY_BLOCK", "HAS_KSCALE", "MASK_KIND"],
-    pre_hook=_reset_count,
+    # EMIT appends to the counts: every tuning run starts from empty lists. (reset_to_zero, not
+    # a pre_hook, so that Inductor can tune and launch the kernel itself.)
+    reset_to_zero=["count_ptr"],
     prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)
 
@@ -189,7 +185,9 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     dummy = q
     if mode == MODE_FULL:
         assert out.stride(-1) == 1
-        out_ptr, cand_idx, count, lo, cap = out, dummy, None, dummy, 1
+        # FULL keeps no counts; the tuner's reset still needs a tensor of its own to zero.
+        count = torch.empty(1, dtype=torch.int32, device=q.device)
+        out_ptr, cand_idx, lo, cap = out, dummy, dummy, 1
         stride_ob, stride_or = out.stride(0), out.stride(1)
     else:
         lo, cand_val, cand_idx, count = emit
@@ -214,19 +212,10 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
                 PRECISION=precision, CAP=cap, BLOCK_D=block_d)
     if INTERPRET:
         grid = (triton.cdiv(rows, 16), triton.cdiv(n_cols, 16), batch)
-        index_scores_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+        wrap_triton(index_scores_kernel)[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16)
         return
 
     def grid(m):
         return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
 
-    try:
-        _tuned_kernel[grid](*args, **meta)
-    except CompilationError as error:
-        # A tuning variant this Triton cannot build: run the plain prefix-sum variant.
-        warnings.warn(f"index_scores: autotuned variants failed to compile ({error!r:.200}); "
-                      "using the 64 x 128 prefix-sum variant")
-        if count is not None:
-            count.zero_()
-        safe = dict(BLOCK_M=64, BLOCK_N=128, PER_ELEMENT=False)
-        index_scores_kernel[grid(safe)](*args, **meta, **safe, num_warps=4, num_stages=3)
+    wrap_triton(_tuned_kernel)[grid](*args, **meta)

@@ -16,24 +16,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, dot_block_d, dot_config, load_mask_tile, mask_operand,
+from ..common import (INTERPRET, dot_block_d, dot_config, load_mask_tile, mask_operand,
                      next_pow2, visible_range)
-from .paging import key_location
+from ..paging import key_location
 
 
 @triton.jit
-def query_scores_kernel(
-    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr, mask_ptr,
-    rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
+def score_query_keys(
+    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_row, kscale_ptr, table_ptr, mask_ptr,
+    b, i, t, col_start, col_end, S_total, T, HS, scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
     stride_cb, stride_cs, stride_cn,
     stride_rb, stride_rs,
-    stride_ob, stride_or,
     stride_sb, stride_st, stride_tb,
     stride_mb, stride_ms, stride_mt,
     D,
@@ -42,11 +42,9 @@ def query_scores_kernel(
     MASK_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = r // rows
-    i = r % rows
-    t = row0 + i
+    """Scores of query t of sequence b (row i of the candidates) for columns
+    [col_start, col_end), written to out_row + column. Shared by query_scores_kernel and the
+    exact recompute of flagged rows (selection/flagged_topk.py)."""
     lo, hi = visible_range(b, t, True, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
                            CAUSAL, RAGGED)
 
@@ -60,8 +58,6 @@ def query_scores_kernel(
     w = tl.load(w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws + heads * stride_wh,
                 mask=slot_ok, other=0.0).to(tl.float32)
 
-    col_start = pid_n * cols_per_program
-    col_end = tl.minimum(col_start + cols_per_program, n_cols)
     if not GATHER:
         # Keys outside [lo, hi) are hidden for this query: walk only the visible part.
         first = tl.maximum(col_start, lo // BLOCK_N * BLOCK_N)
@@ -69,7 +65,6 @@ def query_scores_kernel(
     else:
         first = col_start
         last = col_end
-    out_row = out_ptr + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or
     # Columns of this program that the walk skips are hidden: write them once.
     for c0 in range(col_start, col_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -104,6 +99,91 @@ def query_scores_kernel(
         tl.store(out_row + cols, scores, mask=col_ok)
 
 
+@triton.jit
+def query_scores_kernel(
+    q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_ptr, kscale_ptr, table_ptr, mask_ptr,
+    rows, row0, S_total, T, n_cols, HS, scale, cols_per_program,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kd,
+    stride_wb, stride_ws, stride_wh,
+    stride_cb, stride_cs, stride_cn,
+    stride_rb, stride_rs,
+    stride_ob, stride_or,
+    stride_sb, stride_st, stride_tb,
+    stride_mb, stride_ms, stride_mt,
+    D,
+    CAUSAL: tl.constexpr, RAGGED: tl.constexpr, GATHER: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    MASK_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = r // rows
+    i = r % rows
+    col_start = pid_n * cols_per_program
+    col_end = tl.minimum(col_start + cols_per_program, n_cols)
+    out_row = out_ptr + b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or
+    score_query_keys(
+        q_ptr, k_ptr, w_ptr, cand_ptr, ks_ptr, ke_ptr, out_row, kscale_ptr, table_ptr, mask_ptr,
+        b, i, row0 + i, col_start, col_end, S_total, T, HS, scale,
+        stride_qb, stride_qs, stride_qh, stride_qd, stride_kb, stride_kt, stride_kd,
+        stride_wb, stride_ws, stride_wh, stride_cb, stride_cs, stride_cn, stride_rb, stride_rs,
+        stride_sb, stride_st, stride_tb, stride_mb, stride_ms, stride_mt, D,
+        CAUSAL, RAGGED, GATHER, HAS_KSCALE, PAGED, PAGE, MASK_KIND, DOT_DTYPE, PRECISION,
+        BLOCK_H, BLOCK_N, BLOCK_D)
+
+
+def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal: bool,
+                   key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+                   scale: float, candidates: Optional[torch.Tensor] = None,
+                   k_scale: Optional[torch.Tensor] = None,
+                   block_table: Optional[torch.Tensor] = None,
+                   mask: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
+    """(operands, launch options) of score_query_keys, by argument name, for the kernels that
+    call it; see query_scores for the arguments."""
+    batch, queries, num_heads, dim = q.shape
+    page = k.shape[1] if block_table is not None else 1
+    T = k.shape[1] if block_table is None else block_table.shape[1] * page
+    dot_dtype, precision = dot_config(q, k)
+    ragged = key_start is not None
+    dummy = q
+    cstr = candidates.stride() if candidates is not None else (0, 0, 0)
+    rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
+    block_h = max(16, next_pow2(num_heads))
+    sstr = k_scale.stride() if k_scale is not None else (0, 0)
+    assert mask is None or block_table is None, "the paged op has no mask"
+    mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, T)
+    if INTERPRET:
+        block_n, warps, stages = 16, 1, 1
+    else:
+        block_n = 128 if block_h <= 64 else 64
+        warps, stages = (4, 3) if block_h <= 16 else (8, 3)
+        if k.element_size() >= 4:
+            # fp32 tiles are twice as large: even two stages of a 128-key tile plus the query
+            # tile (H=64, D=128) need 256 KB of shared memory, over the card's 227 KB.
+            block_n, stages = 64, 2
+    operands = dict(
+        q_ptr=q, k_ptr=k, w_ptr=w, cand_ptr=candidates if candidates is not None else dummy,
+        ks_ptr=key_start if ragged else dummy, ke_ptr=key_end if ragged else dummy,
+        kscale_ptr=k_scale if k_scale is not None else dummy,
+        table_ptr=block_table if block_table is not None else dummy,
+        mask_ptr=mask_t if mask_t is not None else dummy,
+        S_total=queries, T=T, HS=num_heads, scale=float(scale),
+        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
+        stride_qd=q.stride(3), stride_kb=k.stride(0), stride_kt=k.stride(1),
+        stride_kd=k.stride(2), stride_wb=w.stride(0), stride_ws=w.stride(1),
+        stride_wh=w.stride(2), stride_cb=cstr[0], stride_cs=cstr[1], stride_cn=cstr[2],
+        stride_rb=rstr[0], stride_rs=rstr[1], stride_sb=sstr[0], stride_st=sstr[1],
+        stride_tb=block_table.stride(0) if block_table is not None else 0,
+        stride_mb=mstr[0], stride_ms=mstr[1], stride_mt=mstr[2], D=dim,
+        CAUSAL=causal, RAGGED=ragged, GATHER=candidates is not None,
+        HAS_KSCALE=k_scale is not None, PAGED=block_table is not None, PAGE=page,
+        MASK_KIND=mask_kind, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h,
+        BLOCK_N=block_n, BLOCK_D=dot_block_d(dim, dot_dtype))
+    return operands, dict(num_warps=warps, num_stages=stages)
+
+
 def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  rows: int, row0: int, causal: bool, key_start: Optional[torch.Tensor],
                  key_end: Optional[torch.Tensor], scale: float,
@@ -118,47 +198,19 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
     k_scale is [P, page], T = pages * page, and the table is read only for visible keys. `mask`
     (bool or additive, broadcastable to [B, S, T]; not with a block table) is read through its
     strides at each query's (gathered) key ids."""
-    batch, queries, num_heads, dim = q.shape
-    page = k.shape[1] if block_table is not None else 1
-    T = k.shape[1] if block_table is None else block_table.shape[1] * page
+    batch = q.shape[0]
     n_cols = out.shape[2]
     assert out.stride(-1) == 1
-    dot_dtype, precision = dot_config(q, k)
-    ragged = key_start is not None
-    dummy = q
-    cstr = candidates.stride() if candidates is not None else (0, 0, 0)
-    rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    block_h = max(16, next_pow2(num_heads))
-    block_d = dot_block_d(dim, dot_dtype)
-    sstr = k_scale.stride() if k_scale is not None else (0, 0)
-    tstr = block_table.stride(0) if block_table is not None else 0
-    assert mask is None or block_table is None, "the paged op has no mask"
-    mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, T)
-    if INTERPRET:
-        block_n, warps, stages = 16, 1, 1
-    else:
-        block_n = 128 if block_h <= 64 else 64
-        warps, stages = (4, 3) if block_h <= 16 else (8, 3)
-        if k.element_size() >= 4:
-            # fp32 tiles are twice as large: even two stages of a 128-key tile plus the query
-            # tile (H=64, D=128) need 256 KB of shared memory, over the card's 227 KB.
-            block_n, stages = 64, 2
+    operands, options = query_operands(q, k, w, causal=causal, key_start=key_start,
+                                       key_end=key_end, scale=scale, candidates=candidates,
+                                       k_scale=k_scale, block_table=block_table, mask=mask)
+    block_n = operands["BLOCK_N"]
     # Enough programs to fill the card, each walking a long run of keys (the query tile is
     # loaded once per program).
     programs_per_row = max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(1024, batch * rows)))
     cols_per_program = triton.cdiv(triton.cdiv(n_cols, programs_per_row), block_n) * block_n
     grid = (batch * rows, triton.cdiv(n_cols, cols_per_program))
-    query_scores_kernel[grid](
-        q, k, w, candidates if candidates is not None else dummy,
-        key_start if ragged else dummy, key_end if ragged else dummy, out,
-        k_scale if k_scale is not None else dummy,
-        block_table if block_table is not None else dummy,
-        mask_t if mask_t is not None else dummy,
-        rows, row0, queries, T, n_cols, num_heads, float(scale), cols_per_program,
-        *q.stride(), *k.stride(), *w.stride(), *cstr, *rstr,
-        out.stride(0), out.stride(1), *sstr, tstr, *mstr, dim,
-        CAUSAL=causal, RAGGED=ragged, GATHER=candidates is not None,
-        HAS_KSCALE=k_scale is not None, PAGED=block_table is not None, PAGE=page,
-        MASK_KIND=mask_kind,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    wrap_triton(query_scores_kernel)[grid](
+        **operands, out_ptr=out, rows=rows, row0=row0, n_cols=n_cols,
+        cols_per_program=cols_per_program, stride_ob=out.stride(0), stride_or=out.stride(1),
+        **options)

@@ -7,11 +7,12 @@ from typing import Optional
 
 import torch
 
-from .candidate_topk import MAX_ROW, candidate_topk
-from .common import next_pow2
-from .query_scores import query_scores
-from .row_topk import topk_rows
-from .select import CHUNK_BUDGET_BYTES, visible_end
+from ..selection.candidate_topk import MAX_ROW, candidate_topk
+from ..common import next_pow2
+from ..scoring.query_scores import query_scores
+from .device_checks import fold_query_scale, poison_selection, scale_faults
+from ..selection.row_topk import topk_rows
+from .scored_topk import CHUNK_BUDGET_BYTES, visible_end
 
 
 def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor,
@@ -53,3 +54,11 @@ def rerank_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, candidates: t
         out_v[..., :taken] = slot_v
         out_i[..., :taken] = cand.gather(-1, slot_i).long().clamp(0, T - 1)
     return values, indices
+
+
+def rerank_topk_op(q, k, w, candidates, k_top, scale, causal, key_start, key_end, mask, chunk=0,
+                   q_scale=None, k_scale=None):
+    """The op (inputs validated by the caller); rows with a bad scale are poisoned."""
+    values, indices = rerank_topk(q, k, fold_query_scale(w, q_scale), candidates, k_top, scale,
+                                  causal, key_start, key_end, chunk, k_scale=k_scale, mask=mask)
+    return poison_selection(values, indices, scale_faults(q_scale, k_scale))

@@ -15,10 +15,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import kth_largest_key, next_pow2, ordered_key
+from ..common import kth_largest_key, next_pow2, ordered_key
 
 MAX_ROW = 16384
 
@@ -97,7 +98,7 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
     istr = ids.stride() if ids is not None else (0, 0, 0)
     # 4 warps for 4096 entries measured fastest on an H200 (latency of the 32 count rounds).
     num_warps = max(4, min(16, block // 1024))
-    candidate_topk_kernel[(batch * rows,)](
+    wrap_triton(candidate_topk_kernel)[(batch * rows,)](
         values, ids if ids is not None else dummy, count if count is not None else dummy,
         lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,
         out_values, out_indices, flags if flags is not None else dummy,

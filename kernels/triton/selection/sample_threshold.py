@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import NEG_INF_KEY, key_to_value, kth_largest_key, next_pow2, ordered_key
+from ..common import NEG_INF_KEY, key_to_value, kth_largest_key, next_pow2, ordered_key
 
 MAX_SAMPLE = 8192
 
@@ -58,6 +59,6 @@ def sample_threshold(src: torch.Tensor, rank: int, n_sample: int, lo: torch.Tens
         raise ValueError(f"sample_threshold: {n_sample} samples exceed the limit {MAX_SAMPLE}")
     num_warps = max(4, min(16, block // 512))
     run = 1 if column_stride == 1 else 32
-    sample_threshold_kernel[(batch * rows,)](
+    wrap_triton(sample_threshold_kernel)[(batch * rows,)](
         src, lo, rows, n_sample, src.shape[2], rank, run * column_stride, src.stride(0),
         src.stride(1), src.stride(2), RUN=run, BLOCK=block, num_warps=num_warps)

@@ -8,10 +8,11 @@ from typing import Optional
 
 import torch
 
-from .query_scores import query_scores
-from .router import route_heads
-from .row_topk import topk_rows
-from .select import _gather_routed
+from ..scoring.query_scores import query_scores
+from .route_heads import route_heads
+from ..selection.row_topk import topk_rows
+from .device_checks import either, fold_query_scale, poison_selection, scale_faults
+from .scored_topk import gather_routed
 
 
 def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
@@ -32,7 +33,7 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     if active_heads:
         heads = route_heads(q, k_cache, w, active_heads, block_size, **vis, k_scale=k_scale,
                             block_table=block_table, seq_lens=seq_lens)
-        q, w = _gather_routed(q, w, heads)
+        q, w = gather_routed(q, w, heads)
     scores = torch.empty(batch, 1, T, dtype=torch.float32, device=q.device)
     query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
                  block_table=block_table, **vis)
@@ -41,3 +42,26 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     # -inf tail entries point past the sequence's end: hidden keys, as in the unpaged ops.
     topk_rows(scores, K, values, indices, tail_base=seq_lens.long())
     return values[:, 0], indices[:, 0]
+
+
+def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
+                         scale, q_scale=None, k_scale=None):
+    """The op (inputs validated by the caller). Lengths outside [0, pages * page] and page ids
+    of used pages outside [0, P) are clamped before any kernel reads them, and their sequence's
+    row is poisoned (values NaN, indices -1), as is a row with a bad scale."""
+    num_pages, page = k_cache.shape[:2]
+    pages = block_table.shape[1]
+    bad_len = (seq_lens < 0) | (seq_lens > pages * page)
+    used = torch.arange(pages, device=block_table.device) * page < seq_lens[:, None]
+    bad_page = (used & ((block_table < 0) | (block_table >= num_pages))).any(-1)
+    block_table = block_table.clamp(0, num_pages - 1)
+    # q_scale [B, H]: a bad entry poisons its sequence. k_scale is per page slot [P, page]: a bad
+    # entry poisons the sequences whose used pages hold it.
+    faults = either(bad_len | bad_page, scale_faults(q_scale, None))
+    page_faults = scale_faults(None, k_scale)
+    if page_faults is not None:
+        faults = faults | (used & page_faults[:, 0][block_table.long()]).any(-1)
+    values, indices = paged_decode_topk(
+        q, k_cache, fold_query_scale(w, q_scale), block_table, seq_lens.clamp(0, pages * page),
+        k_top, active_heads, block_size, scale, k_scale=k_scale)
+    return poison_selection(values, indices, faults)

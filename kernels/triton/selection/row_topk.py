@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .candidate_topk import MAX_ROW, candidate_topk
-from .common import next_pow2
+from ..common import next_pow2
 from .compact_rows import compact_rows
 from .flagged_topk import flagged_topk
 from .sample_threshold import MAX_SAMPLE, sample_rank, sample_threshold

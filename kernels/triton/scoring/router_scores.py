@@ -1,4 +1,5 @@
-"""The MISA router on the GPU: pooled block keys, per-head router scores, top-h heads.
+"""The MISA router's scoring kernels: pooled block keys and per-head router scores (the top-h
+selection is launch/route_heads.py).
 
     kbar[b]  = mean of k over key block b (the last, partial block averages its valid keys);
                of the real keys k * k_scale when FP8 keys come with a per-key scale. From a
@@ -10,20 +11,18 @@ The router costs H * ceil(T/B) dot products per query, under 1% of the dense ind
 so it favours accuracy: kbar stays fp32 and the dots use 3-pass tf32 (close to fp32), which keeps
 near-tied heads in the reference's order. The router scores [B, S, H] are written by programs
 that each take a block of queries and a group of heads (enough groups to fill the card, which
-matters for few queries: decode, short chunks), then candidate_topk picks the top h heads of
-each row."""
+matters for few queries: decode, short chunks)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .block_visibility import block_visibility
-from .candidate_topk import candidate_topk
-from .common import INTERPRET, MASK_BOOL, MASK_NONE, load_mask_tile, next_pow2, visible_range
-from .paging import key_location
+from ..common import INTERPRET, MASK_BOOL, MASK_NONE, load_mask_tile, next_pow2, visible_range
+from ..paging import key_location
 
 # Router programs that fill the card (132 SMs on an H100/H200, two resident per SM).
 ROUTER_PROGRAMS = 264
@@ -76,7 +75,7 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
     out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
     block_t = 16 if INTERPRET else 64
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
-    pooled_keys_kernel[(n_blocks, batch)](
+    wrap_triton(pooled_keys_kernel)[(n_blocks, batch)](
         k, k_scale if k_scale is not None else k, block_table if paged else k,
         seq_lens.contiguous() if paged else k, out, T, block, *k.stride(), *sstr,
         block_table.stride(0) if paged else 0, out.stride(0), out.stride(1), dim,
@@ -136,31 +135,21 @@ def router_scores_kernel(
         tl.store(r_rows + j, r_j, mask=row_ok)
 
 
-def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads: int,
-                block_size: int, causal: bool, key_start: Optional[torch.Tensor],
-                key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None,
-                block_table: Optional[torch.Tensor] = None,
-                seq_lens: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 [B, S, active_heads]: each query's routed heads (router = "score"). k_scale [B, T]
-    dequantizes FP8 keys; a per-query scale is the caller's to fold into w (the router uses
-    |w| and sums ReLU terms, both homogeneous in a positive factor). With block_table and
-    seq_lens, k is a paged cache (see pooled_keys) and key_end [B, S] ends at seq_lens. `mask`
-    (bool or additive, broadcastable to [B, S, T]) is read once, by block_visibility: a block
-    counts for a query when any of its keys is visible to it (the mask's values do not enter
-    the router score)."""
+def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_size: int, T: int,
+                  causal: bool, key_start: Optional[torch.Tensor],
+                  key_end: Optional[torch.Tensor],
+                  blocks_seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 [B, S, H]: r[t, j] of every query and head, over the pooled keys kbar [B, n_blocks, D]
+    (pooled_keys) of T key positions. blocks_seen [B, S, n_blocks] (block_visibility, bool):
+    with a mask, the blocks that hold a key the query sees."""
     batch, queries, num_heads, dim = q.shape
-    kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
-    T = k.shape[1] if block_table is None else block_table.shape[1] * k.shape[1]
     n_blocks = kbar.shape[1]
     scores = torch.empty(batch, queries, num_heads, dtype=torch.float32, device=q.device)
     ragged = key_start is not None
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    assert mask is None or block_table is None, "the paged op has no mask"
-    blocks_seen = (None if mask is None else
-                   block_visibility(mask, batch, queries, T, block_size, causal, key_start,
-                                    key_end).view(torch.uint8))
+    if blocks_seen is not None:
+        blocks_seen = blocks_seen.view(torch.uint8)
     vstr = blocks_seen.stride() if blocks_seen is not None else (0, 0, 0)
     if INTERPRET:
         block_m, block_nb, warps = 16, 16, 1
@@ -173,7 +162,7 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     groups = max(1, min(num_heads, triton.cdiv(ROUTER_PROGRAMS, batch * row_blocks)))
     heads_per_program = triton.cdiv(num_heads, groups)
     grid = (row_blocks, triton.cdiv(num_heads, heads_per_program), batch)
-    router_scores_kernel[grid](
+    wrap_triton(router_scores_kernel)[grid](
         q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, scores,
         blocks_seen if blocks_seen is not None else dummy,
         queries, 0, queries, T, n_blocks, block_size, num_heads, heads_per_program,
@@ -181,8 +170,4 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
         scores.stride(1), *vstr, dim, CAUSAL=causal, RAGGED=ragged,
         BLOCK_MASK=MASK_NONE if blocks_seen is None else MASK_BOOL, BLOCK_M=block_m,
         BLOCK_NB=block_nb, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
-    # Top-h heads per query; among equal scores the lower head index wins.
-    out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
-    top_scores = torch.empty(batch, queries, active_heads, dtype=torch.float32, device=q.device)
-    candidate_topk(scores, active_heads, num_heads, top_scores, out)
-    return out
+    return scores

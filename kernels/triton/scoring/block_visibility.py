@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, load_mask_tile, mask_operand, visible_range
+from ..common import INTERPRET, load_mask_tile, mask_operand, visible_range
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def block_visibility(mask: torch.Tensor, batch: int, queries: int, T: int, block
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     block_m, block_n = (16, 16) if INTERPRET else (32, 128)
     grid = (triton.cdiv(queries, block_m), n_blocks, batch)
-    block_visibility_kernel[grid](
+    wrap_triton(block_visibility_kernel)[grid](
         mask_t, key_start if ragged else mask_t, key_end if ragged else mask_t,
         out.view(torch.uint8), queries, T, block, *rstr, *mstr, out.stride(0), out.stride(1),
         CAUSAL=causal, RAGGED=ragged, MASK_KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -12,14 +12,15 @@ from typing import Optional
 
 import torch
 
-from ..torch_impl import all_key_ids, every_key_kept, force_first_and_last_blocks
-from .block_visibility import block_visibility
-from .candidate_topk import MAX_ROW, candidate_topk
-from .common import next_pow2
-from .index_scores import index_scores
-from .row_topk import topk_rows
-from .router import pooled_keys
-from .select import CHUNK_BUDGET_BYTES
+from ...torch_impl import all_key_ids, every_key_kept, force_first_and_last_blocks
+from ..scoring.block_visibility import block_visibility
+from ..selection.candidate_topk import MAX_ROW, candidate_topk
+from ..common import next_pow2
+from ..scoring.index_scores import index_scores
+from ..selection.row_topk import topk_rows
+from ..scoring.router_scores import pooled_keys
+from .device_checks import fold_query_scale, poison_ids, scale_faults
+from .scored_topk import CHUNK_BUDGET_BYTES
 
 
 def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_size: int,
@@ -67,3 +68,11 @@ def hisa_candidates(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, block_siz
         key_ids = (block_i[..., None] * block_size + offsets).flatten(-2)
         out[:, row0:row0 + rows] = torch.where(key_ids < T, key_ids, -1)
     return out
+
+
+def hisa_candidates_op(q, k, w, block_size, num_blocks, causal, key_start, key_end, mask,
+                       chunk=0, q_scale=None, k_scale=None):
+    """The op (inputs validated by the caller); the ids of rows with a bad scale are -1."""
+    ids = hisa_candidates(q, k, fold_query_scale(w, q_scale), block_size, num_blocks, causal,
+                          key_start, key_end, chunk, k_scale=k_scale, mask=mask)
+    return poison_ids(ids, scale_faults(q_scale, k_scale))

@@ -1,0 +1,61 @@
+"""Value checks of the op inputs, done on the device (no host synchronisation, so calls queue
+back to back and can be captured in CUDA graphs). What indexes memory is clamped before any
+kernel reads it; a row whose inputs were out of range is then poisoned rather than returned as a
+plausible selection: values NaN and indices -1 (-1 ids for the id-only outputs). The host-side
+checks that raise instead run on the CPU and in debug mode (kernels/validation.py)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def fold_query_scale(w: torch.Tensor, q_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """w * q_scale (fp32): a positive factor per query and head commutes with the ReLU of the
+    index score, HISA's block score and the router's |w|-weighted sum. A bad scale only poisons
+    (scale_faults): the fold itself reads nothing out of bounds."""
+    return w if q_scale is None else w.float() * q_scale
+
+
+def _bad_scale(scale: torch.Tensor) -> torch.Tensor:
+    return ~((scale > 0) & torch.isfinite(scale))
+
+
+def scale_faults(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor]
+                 ) -> Optional[torch.Tensor]:
+    """bool [B, S] (or [B, 1] from k_scale alone): rows with a q_scale [B, S, H] entry that is
+    not finite and > 0, and every row of a sequence with such a k_scale [B, T] entry (which key
+    a row would have ranked with it is not worth finding out: the input is wrong). None when no
+    scale is given."""
+    faults = None
+    if q_scale is not None:
+        faults = _bad_scale(q_scale).any(-1)
+    if k_scale is not None:
+        per_sequence = _bad_scale(k_scale).any(-1, keepdim=True)
+        faults = per_sequence if faults is None else faults | per_sequence
+    return faults
+
+
+def either(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None:
+        return b
+    return a if b is None else a | b
+
+
+def poison_selection(values: torch.Tensor, indices: torch.Tensor,
+                     faults: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """values NaN and indices -1 in the rows (leading dims of the selection) where faults is
+    set; faults broadcasts to the selection's leading dims."""
+    if faults is None:
+        return values, indices
+    faults = faults[..., None]
+    return values.masked_fill(faults, float("nan")), indices.masked_fill(faults, -1)
+
+
+def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tensor:
+    """-1 in the rows of an id-only output (routed heads, HISA candidate ids) where faults is
+    set. The consumers poison in turn: routed_topk poisons a row with a head id outside
+    [0, H); rerank_topk checks the same scales as hisa_candidates."""
+    if faults is None:
+        return ids
+    return ids.masked_fill(faults[..., None], -1)
