@@ -12,6 +12,12 @@ here as well would make the name a duplicate). `options` takes the MisaConfig fi
   "tensorrt"   the rewritten ATen graph handed to Torch-TensorRT's backend (the misa ops run in
                PyTorch between TensorRT engines). Needs the torch_tensorrt package.
 
+`mode=` (target "inductor") applies Inductor's settings for that mode: "reduce-overhead" turns on
+CUDA graphs (triton.cudagraphs), which record and replay the rewritten graphs once the misa ops
+run without host synchronisation. torch.compile takes mode or options, not both, so a mode runs
+with the default MisaConfig; to choose the config as well, pass the mode's Inductor settings as
+options (options={"triton.cudagraphs": True, "active_heads": 16}).
+
 The site report of each compiled graph is logged on the "misa_compile" logger and kept:
 last_report() covers every graph of the model compiled last (see its docstring),
 compiled_reports() lists every graph's report since clear_reports()."""

@@ -4,6 +4,7 @@ active heads = all heads, leaves graphs without indexers exactly as plain Induct
 and says clearly what is wrong with bad options or a missing Torch-TensorRT."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -71,6 +72,33 @@ def test_inductor_target_equals_eager_and_reports_even_from_its_cache():
         reports.append(backend.last_report())
     assert [r.to_dict() for r in reports[0].sites] == [r.to_dict() for r in reports[1].sites]
     assert [(r.heads, r.mask) for r in reports[0].rewritten] == [(H, "additive")]
+
+
+def test_mode_reaches_inductor_as_the_settings_of_that_mode(monkeypatch):
+    # mode="reduce-overhead" must turn on Inductor's CUDA graphs (triton.cudagraphs) with the misa
+    # pass still installed; tests/gpu/test_backend_cudagraphs_gpu.py checks on a GPU that graphs
+    # are then recorded and replayed. The backend called with both mode and options, as
+    # torch.compile cannot pass both.
+    from torch._inductor import compile_fx as compile_fx_module
+
+    patches = []
+    real_compile_fx = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        patches.append(config_patches)
+        return real_compile_fx(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    misa = functools.partial(backend.misa_backend, mode="reduce-overhead",
+                             options=dict(active_heads=H, block_size=2))
+    q, k, w, _, bias = inputs()
+    with torch.no_grad():
+        indices = torch.compile(hf_matmul_weights, backend=misa, fullgraph=True)(q, k, w, bias)
+    check_selection(indices, hf_matmul_weights_scores(q, k, w, bias))
+    patch = patches[0]  # compile_fx calls itself again inside the patched config
+    assert patch["triton.cudagraphs"] is True
+    assert isinstance(patch["joint_custom_pre_pass"], MisaInductorPass)
+    assert len(backend.last_report().rewritten) == 1
 
 
 def test_a_graph_without_indexers_compiles_exactly_as_under_plain_inductor():
