@@ -22,21 +22,21 @@ SCALE = 0.5  # a power of two: scores of the small integer inputs stay exact in 
 
 class PlainIndexer(torch.nn.Module):
     """A DSA lightning indexer as a model spells it: einsum, ReLU, per-head weights, sum over
-    heads, top-k over the keys; optionally an additive mask on the scores."""
+    heads, top-k over the keys; optionally a boolean visibility mask (hidden keys get -inf)."""
 
     def __init__(self, k_top: int):
         super().__init__()
         self.k_top = k_top
 
-    def forward(self, q, k, w, bias=None):
+    def forward(self, q, k, w, visible=None):
         scores = torch.relu(torch.einsum("bshd,btd->bsht", q, k) * SCALE)
         scores = (scores * w.unsqueeze(-1)).sum(dim=2)
-        if bias is not None:
-            scores = scores + bias
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         return scores.topk(self.k_top, dim=-1)
 
 
-def compile_on_shard(q, k_local, w, k_top, options, bias=None, direct=None):
+def compile_on_shard(q, k_local, w, k_top, options, visible=None, direct=None):
     """Rank task: compiles PlainIndexer with context parallelism (target aot_eager unless
     options name one) on this rank's key shard and runs it. direct=(config, key_offset, total_keys) also runs sharded_indexer_topk on
     the same shard for comparison."""
@@ -44,7 +44,7 @@ def compile_on_shard(q, k_local, w, k_top, options, bias=None, direct=None):
     misa_compile.backend.clear_reports()
     compiled = torch.compile(PlainIndexer(k_top), backend="misa", options=dict(
         dict(target="aot_eager"), **options, context_parallel=True))
-    args = (q, k_local, w) if bias is None else (q, k_local, w, bias)
+    args = (q, k_local, w) if visible is None else (q, k_local, w, visible)
     values, indices = compiled(*args)
     sites = [(s.status, s.reason, s.detail, s.variant)
              for s in misa_compile.backend.last_report().sites]
@@ -144,10 +144,11 @@ def test_compiled_routed_site_equals_the_sharded_indexer(rank_pools, variant):
 
 def test_masked_site_is_refused_with_config_mismatch(rank_pools):
     q, k, w = _inputs(seed=3)
-    bias = torch.zeros(2, 3, 7)
-    bias[..., 0] = float("-inf")
+    visible = torch.ones(2, 3, 7, dtype=torch.bool)
+    visible[..., 0] = False
     per_rank = [dict(q=q, k_local=k[:, 7 * r:7 * (r + 1)], w=w, k_top=3,
-                     options=dict(variant="misa", active_heads=2, block_size=4), bias=bias)
+                     options=dict(variant="misa", active_heads=2, block_size=4),
+                     visible=visible)
                 for r in range(WORLD)]
     answers = _run(rank_pools(WORLD), compile_on_shard, per_rank)
     for rank, answer in enumerate(answers):
@@ -156,7 +157,7 @@ def test_masked_site_is_refused_with_config_mismatch(rank_pools):
         assert "causal/ragged visibility only, no mask and no HISA" in detail
         # Left untouched: the local top-k of the masked local scores, local indices.
         k_local = k[:, 7 * rank:7 * (rank + 1)]
-        expected = PlainIndexer(3)(q, k_local, w, bias)
+        expected = PlainIndexer(3)(q, k_local, w, visible)
         assert torch.equal(answer["values"], expected.values)
 
 
