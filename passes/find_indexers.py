@@ -28,6 +28,7 @@ from torch.fx import Graph, GraphModule, Node
 from . import aten_ops as ops
 from . import reasons as R
 from .axis_labels import Dims, LabelSpace, LayoutError, concrete, is_unit, size_hint
+from .mask_algebra import Bias, FloatConst, MaskAlgebra
 
 aten = torch.ops.aten
 logger = logging.getLogger("misa_compile")
@@ -809,6 +810,15 @@ class _Matcher:
             raise R.SiteRefused(R.UNKNOWN_MASK, f"the top-k values are used and the mask fills "
                                 f"hidden keys with {finite[0]:g}, not -inf; the rewrite would "
                                 "report -inf for them")
+        if outputs.get(0):
+            algebra = MaskAlgebra()
+            for mask in outer.masks:
+                issue = _finite_hiding_bias(algebra, mask) if mask.kind == "additive" else ""
+                if issue:
+                    # The same divergence for a bias: the ops hide a key whose bias is at or
+                    # below HIDDEN_BIAS and report -inf, eager hands on score + bias.
+                    raise R.SiteRefused(R.UNKNOWN_MASK, f"the top-k values are used and {issue};"
+                                        " the rewrite would report -inf for those keys")
         scale = branch.scale_below * branch.scale_above * outer.reduction.scale * outer.scale
         operands = [q, k] + outer.weights + [m.operand for m in outer.masks]
         return IndexerSite(
@@ -832,6 +842,30 @@ def _head_right_before_dim(space: LabelSpace, q: Operand, head: int, dim: int) -
         if head in order and dim in order and order.index(head) + 1 == order.index(dim):
             return True
     return False
+
+
+def _finite_hiding_bias(algebra: MaskAlgebra, mask: Mask) -> str:
+    """Why the additive `mask` may hide a key with a finite value ("" if it never does). The ops
+    hide every key whose bias (times mask.factor, as they receive it) is at or below HIDDEN_BIAS;
+    that matches eager's value only where the bias is -inf. Proven from the ops that build the
+    bias (mask_algebra.py): a constant, or 0 where visible and -inf elsewhere; a bias read from an
+    input or built by ops the algebra does not read may hold any value."""
+    node = mask.operand.links[0].node
+    value = algebra.value(node)
+    if isinstance(value, FloatConst):
+        added = value.value * mask.factor
+        if added > ops.HIDDEN_BIAS or added == float("-inf"):
+            return ""
+        return f"the additive bias {node.name} adds {added:g} to every score"
+    if isinstance(value, Bias):
+        # Entries are 0 or at most value.hidden: a negative factor (a subtraction) makes them
+        # 0 or large and positive, which hides nothing.
+        if mask.factor < 0 or value.hidden == float("-inf"):
+            return ""
+        return (f"the additive bias {node.name} hides keys with a finite value (at most "
+                f"{value.hidden * mask.factor:g})")
+    return (f"the additive bias {node.name} is not proven to hide keys only with -inf (an entry "
+            f"at or below {ops.HIDDEN_BIAS:g} hides its key)")
 
 
 def _scalar_step(node: Node) -> Optional[tuple[Optional[float], Node]]:

@@ -5,7 +5,8 @@ An `IndexerSpec` names one choice per axis (how q.k is contracted, how heads are
 positive scale sits, which dtypes and casts, which mask, which layout, which outputs are used);
 `ZooIndexer` computes that spelling. A spec with `negative` set plants a near-miss that is NOT a DSA
 indexer (or cannot be proven one): it must be refused with the reason in `NEGATIVE_REASONS`, or,
-where that reason is None, at least never rewritten.
+where that reason is None, at least never rewritten. A DSA indexer whose top-k values are used
+under a bias in UNPROVEN_BIAS_MASKS must be refused too (`expected_reason`).
 `HostModel` embeds several sites plus decoys (an MoE gate top-k over experts, a top-k sparse code of
 a ReLU'd projection) that must never be rewritten.
 
@@ -74,6 +75,14 @@ INPUT_MASKS = ("additive_inf", "additive_finfo", "bool_masked_fill", "bool_where
                "fill_with_zero", "causal_and_keep", "two_masks", "one_minus_keep",
                "where_full_like")
 IN_GRAPH_MASKS = ("tril", "arange", "triu_additive", "alibi_add", "alibi_sub")
+# Additive biases the pass cannot prove hide keys only with -inf: read from an input (any value at
+# run time), finfo.min, or a float recency slope the mask algebra does not evaluate. With the top-k
+# values used, a hidden key's value is eager's finite score + bias but -inf in the ops, so such a
+# site is refused (unknown_mask); with only the indices used it is rewritten.
+UNPROVEN_BIAS_MASKS = ("additive_inf", "additive_finfo", "key_padding", "one_minus_keep",
+                       "two_masks", "alibi_add", "alibi_sub")
+# The near-miss name negative_specs draws for such a site (its `negative` stays None).
+VALUES_UNDER_UNPROVEN_BIAS = "values_under_unproven_bias"
 
 _PARAM_DTYPE = {"fp32": torch.float32, "bf16_upcast": torch.bfloat16,
                 "bf16_mixed": torch.bfloat16, "fp16_upcast": torch.float16,
@@ -112,7 +121,18 @@ class IndexerSpec:
 
     @property
     def expected_reason(self) -> Optional[str]:
-        return None if self.negative is None else NEGATIVE_REASONS[self.negative]
+        """The reason the report must give for this site, None if it is rewritten or a near-miss
+        whose refusal reason is free."""
+        if self.negative is not None:
+            return NEGATIVE_REASONS[self.negative]
+        if self.outputs in ("values", "both") and self.mask in UNPROVEN_BIAS_MASKS:
+            return "unknown_mask"
+        return None
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether the pass must rewrite this site (else it is refused or not reported)."""
+        return self.negative is None and self.expected_reason is None
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -147,11 +167,11 @@ class HostSpec:
 
     @property
     def positives(self) -> tuple[IndexerSpec, ...]:
-        return tuple(s for s in self.sites if s.negative is None)
+        return tuple(s for s in self.sites if s.rewritten)
 
     @property
     def negatives(self) -> tuple[IndexerSpec, ...]:
-        return tuple(s for s in self.sites if s.negative is not None)
+        return tuple(s for s in self.sites if not s.rewritten)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,15 +570,23 @@ def program_settings(ci_examples: int) -> settings:
 seeds = st.integers(0, 2 ** 31 - 1)
 
 def positive_specs(layout: str, heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
-    """Indexers the matcher must find, one choice per axis."""
+    """Indexers the matcher must find and rewrite, one choice per axis."""
     axes = {axis: st.sampled_from(values) for axis, values in AXES.items() if axis != "layout"}
     return st.builds(IndexerSpec, **axes, layout=st.just(layout), heads=st.just(heads),
-                     dim=st.sampled_from((4, 8)), k_top=st.just(k_top))
+                     dim=st.sampled_from((4, 8)),
+                     k_top=st.just(k_top)).filter(lambda spec: spec.rewritten)
 
 
 def negative_specs(heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
     """Near-misses in batch layout; masks are drawn only where the spelling keeps [B,S,T]."""
     def with_mask(negative: str) -> st.SearchStrategy[IndexerSpec]:
+        if negative == VALUES_UNDER_UNPROVEN_BIAS:
+            # A DSA indexer in any spelling, refused only for what its values would report.
+            axes = {axis: st.sampled_from(values) for axis, values in AXES.items()
+                    if axis not in ("layout", "mask", "outputs")}
+            return st.builds(IndexerSpec, **axes, mask=st.sampled_from(UNPROVEN_BIAS_MASKS),
+                             outputs=st.sampled_from(("values", "both")), heads=st.just(heads),
+                             k_top=st.just(k_top))
         if negative in ("sum_over_queries", "mask_inside_head_sum"):
             masks = st.just("none")
         elif negative == "fill_with_zero":
@@ -573,7 +601,8 @@ def negative_specs(heads: int, k_top: int) -> st.SearchStrategy[IndexerSpec]:
                          scale=st.sampled_from(("none", "before_relu", "after_relu", "hf")),
                          dtype=st.sampled_from(("fp32", "bf16_upcast")),
                          relu=st.sampled_from(RELU_FORMS), q_view=st.sampled_from(Q_VIEWS))
-    return st.sampled_from(sorted(NEGATIVE_REASONS)).flatmap(with_mask)
+    return st.sampled_from(sorted(NEGATIVE_REASONS) + [VALUES_UNDER_UNPROVEN_BIAS]).flatmap(
+        with_mask)
 
 
 @st.composite
@@ -621,8 +650,9 @@ def axis_sweep_hosts(axis: str) -> list[HostSpec]:
 
 def near_miss_hosts() -> list[HostSpec]:
     """Two hosts, each with one proven indexer (k_top=3) and near-misses (k_top 4, 5, ...): those
-    with a required refusal reason, and those that only must not be rewritten. The query-axis
-    top-k comes first, since its k must not exceed the query count."""
+    with a required refusal reason (and an indexer whose values are used under an input bias),
+    and those that only must not be rewritten. The query-axis top-k comes first, since its k must
+    not exceed the query count."""
     masks = {"sum_over_queries": "none", "mask_inside_head_sum": "none",
              "fill_with_zero": "fill_with_zero"}
     hosts = []
@@ -633,5 +663,8 @@ def near_miss_hosts() -> list[HostSpec]:
         sites = [IndexerSpec(mask="tril", k_top=3)]
         sites += [IndexerSpec(negative=n, mask=masks.get(n, "bool_masked_fill"), k_top=4 + i)
                   for i, n in enumerate(negatives)]
+        if strict:
+            sites.append(IndexerSpec(mask="additive_finfo", outputs="both",
+                                     k_top=4 + len(negatives)))
         hosts.append(HostSpec(sites=tuple(sites)))
     return hosts

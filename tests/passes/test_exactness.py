@@ -238,6 +238,81 @@ def test_used_top_k_values_of_a_finite_fill_keep_eager_semantics(fill):
     assert _sites(report) == [("refused", reasons.UNKNOWN_MASK)], str(report)
 
 
+# --- additive biases that hide keys -------------------------------------------------------------
+
+class SoftmaxOverBiased(torch.nn.Module):
+    """SoftmaxOverSelected with the keys hidden by an additive bias read from the input."""
+
+    def forward(self, q, k, w, bias):
+        values, indices = (_index(q, k, w) + bias).topk(K)
+        return values.softmax(-1), indices
+
+
+def _padded_bias(hide: float) -> torch.Tensor:
+    visible = _causal().expand(B, S, T).clone()
+    visible[1, :2] = False  # padding rows: no visible key at all
+    return torch.zeros(B, S, T).masked_fill(~visible, hide)
+
+
+@pytest.mark.parametrize("hide", [torch.finfo(torch.float32).min, torch.finfo(torch.bfloat16).min,
+                                  torch.finfo(torch.float16).min, float("-inf")])
+def test_used_top_k_values_of_an_input_bias_keep_eager_semantics(hide):
+    """An input bias may hold any value, -inf included: the pass cannot prove it hides only
+    with -inf, so with the values used the site is refused whatever the bias holds at run time."""
+    q, k, w = _inputs()
+    bias = _padded_bias(hide)
+    model = SoftmaxOverBiased()
+    with torch.no_grad():
+        expected, _ = model(q, k, w, bias)
+        got, _ = torch.compile(model, backend="misa", options=OPTIONS)(q, k, w, bias)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.UNKNOWN_MASK)], str(report)
+    assert "not proven to hide keys only with -inf" in report.sites[0].detail
+
+
+def test_top_k_indices_under_an_input_bias_are_still_rewritten():
+    """Only the values carry the finite hidden score; indices-only sites keep their rewrite."""
+    q, k, w = _inputs()
+    bias = _padded_bias(torch.finfo(torch.float32).min)
+    model = lambda q, k, w, bias: (_index(q, k, w) + bias).topk(K).indices  # noqa: E731
+    report = misa_compile.explain(model, q, k, w, bias, options=OPTIONS)
+    assert _sites(report) == [("rewritten", "")], str(report)
+
+
+def _built_bias_values(q, k, w, hide):
+    """The Hugging Face spelling, built in the graph: where(key <= query, 0, hide), added."""
+    keys, queries = torch.arange(T), torch.arange(S) + (T - S)
+    bias = torch.where(keys[None, :] <= queries[:, None], 0.0, hide)
+    return (_index(q, k, w) + bias).topk(T - 1)  # the first query sees fewer keys than that
+
+
+@pytest.mark.parametrize("hide", [torch.finfo(torch.float32).min, torch.finfo(torch.bfloat16).min,
+                                  torch.finfo(torch.float16).min])
+def test_used_top_k_values_of_a_finite_bias_built_in_the_graph_are_refused(hide):
+    q, k, w = _inputs()
+    with torch.no_grad():
+        expected = _built_bias_values(q, k, w, hide)
+        got = torch.compile(_built_bias_values, backend="misa", options=OPTIONS)(q, k, w, hide)
+    report = misa_compile.backend.last_report()
+    assert _sites(report) == [("refused", reasons.UNKNOWN_MASK)], str(report)
+    assert f"at most {hide:g}" in report.sites[0].detail, report.sites[0].detail
+    assert torch.isfinite(expected.values).all()
+    torch.testing.assert_close(got.values, expected.values)
+
+
+def test_used_top_k_values_of_a_minus_inf_bias_built_in_the_graph_are_rewritten_exactly():
+    """0 where visible and -inf elsewhere is proven: eager's hidden values are -inf as well."""
+    q, k, w = _inputs()
+    with torch.no_grad():
+        expected = _built_bias_values(q, k, w, float("-inf"))
+        got = torch.compile(_built_bias_values, backend="misa",
+                            options=OPTIONS)(q, k, w, float("-inf"))
+    assert _sites(misa_compile.backend.last_report()) == [("rewritten", "")]
+    assert expected.values.isinf().any()
+    torch.testing.assert_close(got.values.sort(-1).values, expected.values.sort(-1).values)
+
+
 # --- casts -------------------------------------------------------------------------------------
 
 def _bf16_rounded_q(q, k, w):
