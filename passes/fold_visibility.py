@@ -1,6 +1,6 @@
 """Which keys each query of an indexer site may see, in the cheapest form the misa ops take.
 
-A site's masks (find_indexers.Mask) say what it hides. When a mask is built inside the graph,
+A site's masks (indexer_site.Mask) say what it hides. When a mask is built inside the graph,
 mask_algebra.py proves what it computes; this module maps that onto the site's (batch, query,
 key) axes and folds each proven condition on (query i, key j) into the ops' arguments:
 
@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import aten_ops as ops
 from .axis_labels import Size, concrete, is_unit, same_size
-from .find_indexers import IndexerSite, Link, Mask
+from .indexer_site import IndexerSite, Link, Mask
 from .mask_algebra import Affine, Bias, FloatConst, Leaf, MaskAlgebra, Predicate, negate
 
 

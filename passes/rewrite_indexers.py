@@ -1,6 +1,6 @@
 """Replace every proven DSA indexer site of an ATen graph by the misa ops of a MisaConfig.
 
-For each IndexerSite (find_indexers.py) the rewrite
+For each IndexerSite (find_indexers.py, indexer_site.py) the rewrite
   1. rearranges the site's own q, k and weights into q [B,S,H,D], k [B,T,D], w [B,S,H] (a flat
      [N,H,D] layout gets B=1; a missing query axis gets S=1), multiplying several weight factors;
   2. folds the visibility the graph proves (fold_visibility.py: a causal mask built from
@@ -29,9 +29,10 @@ from ..report import SiteRecord, SiteReport
 from . import aten_ops as ops
 from . import reasons as R
 from .axis_labels import LayoutError, concrete, size_hint
-from .find_indexers import IndexerSite, SiteRefusal, find_indexer_sites
+from .find_indexers import find_indexer_sites
 from .fold_visibility import KeyBound, SiteVisibility, plan_visibility
 from .graph_builder import Arranger, GraphBuilder
+from .indexer_site import IndexerSite, SiteRefusal
 
 aten = torch.ops.aten
 logger = logging.getLogger("misa_compile")

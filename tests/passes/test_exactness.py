@@ -191,13 +191,13 @@ def test_a_rewrite_that_fails_after_building_half_its_outputs_restores_the_graph
 def test_an_analysis_failure_is_reported_and_logs_its_traceback_at_debug_only(monkeypatch,
                                                                                 caplog):
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise ZeroDivisionError("injected")
 
     q, k, w = _inputs()
     gm = aten_graph(_values_and_indices, q, k, w)
     before = gm.print_readable(print_output=False)
-    monkeypatch.setattr(find_indexers._Matcher, "_prove", broken)
+    monkeypatch.setattr(find_indexers, "prove_roles", broken)
     with caplog.at_level(logging.DEBUG, logger="misa_compile"):
         report = rewrite_indexer_sites(gm, MisaConfig(active_heads=H, block_size=2))
     assert _sites(report) == [("refused", reasons.INTERNAL_ERROR)], str(report)

@@ -62,6 +62,9 @@ _KTOP = {"glm5_next": 4}
 #   weights, top-k over blocks along dim 0; no shared key set, no weights, no query axis.
 # * minimax_m3_vl: one selection per indexer head (no head reduction), no ReLU, keys max-pooled
 #   into blocks, local blocks forced in with +inf.
+# Two more families name an indexer but build none, so there is nothing to compile: longcat_flash
+# (its MLA subclasses DeepSeek-V3.2's attention and deletes the indexer) and step3p7 (its config
+# maps MiniMax-M3 sparse "Lightning Indexer" fields, but Step3p7Attention never reads them).
 NOT_INDEXERS = {
     "qwen4_exp": functools.partial(
         _tiny, "Qwen4ExpTextConfig", "Qwen4ExpTextModel", layer_types=["indexed_attention"] * 2,
