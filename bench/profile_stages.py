@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 import triton
 
 import misa_compile  # noqa: F401
@@ -147,4 +148,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # Kernels called directly launch plainly, as inside the ops (wrap_triton's dispatch costs
+    # host time per launch and is only needed while a graph is traced).
+    with set_wrap_triton_enabled(False):
+        main()

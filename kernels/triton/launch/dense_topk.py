@@ -6,8 +6,8 @@ from .device_checks import fold_query_scale, poison_selection, scale_faults
 from .scored_topk import scored_topk
 
 
-def dense_topk_op(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk=0, q_scale=None,
-               k_scale=None):
+def dense_topk_op(q, k, w, k_top, scale, causal, key_start, key_end, mask, chunk=0,
+                  q_scale=None, k_scale=None):
     """The op (inputs validated by the caller); rows with a bad scale are poisoned."""
     values, indices = scored_topk(q, k, fold_query_scale(w, q_scale), None, k_top, scale, causal,
                                   key_start, key_end, chunk, k_scale=k_scale, mask=mask)

@@ -7,8 +7,8 @@ from .device_checks import either, fold_query_scale, poison_selection, scale_fau
 from .scored_topk import scored_topk
 
 
-def routed_topk_op(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk=0, q_scale=None,
-                k_scale=None):
+def routed_topk_op(q, k, w, heads, k_top, scale, causal, key_start, key_end, mask, chunk=0,
+                   q_scale=None, k_scale=None):
     """The op (inputs validated by the caller). A head id outside [0, H) is clamped before the
     gather reads it and poisons its query's row, as does a bad scale."""
     num_heads = q.shape[2]
