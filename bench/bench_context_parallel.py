@@ -49,6 +49,7 @@ import misa_compile.backend
 from misa_compile.config import MisaConfig
 from misa_compile.distributed import count_collective_bytes, init_from_env, sharded_indexer_topk
 from misa_compile.kernels import indexer_topk
+from misa_compile.kernels.triton.kernel_names import project_triton_kernel_names
 from workloads import make_inputs, recall
 
 SCALE = 128 ** -0.5
@@ -103,27 +104,6 @@ def single_rank_environment() -> None:
                       MASTER_PORT=str(port))
 
 
-def misa_triton_kernel_names() -> set[str]:
-    """Names of the @triton.jit functions of the imported misa kernel modules (importing
-    misa_compile on a CUDA machine imports all of them); a launched kernel carries its
-    function's name."""
-    try:
-        from triton.runtime.jit import JITFunction
-    except ImportError:
-        return set()
-    names = set()
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("misa_compile.kernels.triton.") or module is None:
-            continue
-        for value in vars(module).values():
-            # Autotuner and heuristics wrappers hold the JIT function in .fn.
-            while not isinstance(value, JITFunction) and hasattr(value, "fn"):
-                value = value.fn
-            if isinstance(value, JITFunction):
-                names.add(value.fn.__name__)
-    return names
-
-
 def kernels_launched(fn) -> Counter:
     """The CUDA kernels one call of `fn` launches, by name."""
     from torch.autograd import DeviceType
@@ -141,7 +121,7 @@ def check_triton(fn, device: torch.device, collective: bool) -> dict:
     None when the profiler saw no CUDA kernel at all (it could not trace): nothing is known."""
     if device.type != "cuda":
         return dict(triton=False, note="CPU: the ops' torch implementation ran")
-    ours = misa_triton_kernel_names()
+    ours = project_triton_kernel_names()
     launched = kernels_launched(fn)
     triton = {name: n for name, n in launched.items() if name in ours}
     # (misa Triton launches, any kernel seen): the minimum over ranks of each.

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib
 import json
-import pkgutil
 import platform
 import statistics
 import time
@@ -57,6 +55,7 @@ import misa_compile
 from misa_compile.config import MisaConfig
 from misa_compile.eval.metrics import selection_quality
 from misa_compile.backend import clear_reports, compiled_reports
+from misa_compile.kernels.triton.kernel_names import project_triton_kernel_names
 from misa_compile.measure import _native_stderr_silenced, cpu_peak_bytes
 from hf_indexers import (DEEPSEEK_V32, GLM_MOE_DSA, IndexerFamily, IndexerPrefill,
                          build_indexer_prefill, build_short_deepseek, decoder_inputs, describe,
@@ -170,22 +169,7 @@ def release_memory(device: torch.device) -> None:
 def our_triton_kernels() -> frozenset:
     """Names of the project's Triton kernels (what the profiler calls their launches); empty
     without CUDA, where the ops never launch them."""
-    return frozenset(_triton_kernel_names() if torch.cuda.is_available() else ())
-
-
-def _triton_kernel_names():
-    from triton.runtime.jit import JITFunction
-
-    package = importlib.import_module("misa_compile.kernels.triton")
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for value in vars(module).values():
-            # Autotuners and heuristics wrap the JITFunction in .fn, possibly several times.
-            for _ in range(4):
-                if isinstance(value, JITFunction):
-                    yield value.fn.__name__
-                    break
-                value = getattr(value, "fn", None)
+    return (project_triton_kernel_names() if torch.cuda.is_available() else frozenset())
 
 
 def misa_op_implementations(call: Callable[[], Any], device: torch.device) -> dict:

@@ -4,8 +4,6 @@ misa_compile.package_aoti), the package's generated code launches those kernels,
 fresh process where neither misa_compile nor any misa op exists, with the Python path's logits."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import zipfile
 
 import pytest
@@ -14,30 +12,13 @@ import torch
 import misa_compile
 from misa_compile import MisaConfig
 from misa_compile.export import _opaque_misa_ops
+from misa_compile.kernels.triton.kernel_names import project_triton_kernel_names
 
 from ..export.aoti_process import run_package
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 INDEX_HEADS = 8
-
-
-def project_triton_kernels() -> set[str]:
-    """Names of the @triton.jit functions under misa_compile.kernels.triton (all subpackages)."""
-    from triton.runtime.jit import JITFunction
-
-    package = importlib.import_module("misa_compile.kernels.triton")
-    names = set()
-    for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + "."):
-        module = importlib.import_module(info.name)
-        for value in vars(module).values():
-            # Autotuners and heuristics wrap the JITFunction in .fn, possibly several times.
-            for _ in range(4):
-                if isinstance(value, JITFunction):
-                    names.add(value.fn.__name__)
-                    break
-                value = getattr(value, "fn", None)
-    return names
 
 
 def generated_code(package) -> str:
@@ -71,7 +52,7 @@ def test_tiny_deepseek_cuda_package_holds_the_triton_kernels_and_runs_without_mi
     package = workdir / "tiny_cuda_aoti.pt2"
     misa_compile.package_aoti(result, package)
     code = generated_code(package)
-    ours = sorted(name for name in project_triton_kernels() if name in code)
+    ours = sorted(name for name in project_triton_kernel_names() if name in code)
     assert ours, "the package holds none of misa_compile's Triton kernels"
     # A call into a misa op left in the package would fail there: the child process has no misa
     # op registered (run_package asserts it) and must still run the package.
