@@ -2,7 +2,7 @@
 
 Selection works on order-preserving 32-bit keys of fp32 scores: for any two floats a < b the
 unsigned keys satisfy key(a) < key(b), so "the k-th largest score" becomes "the k-th largest
-unsigned integer", found exactly by a 32-step bitwise search of counts (no sort, no histogram).
+unsigned integer", found exactly by a radix select over their bytes (selection/radix_select.py).
 Key 0 (a negative NaN bit pattern, never produced after NaN scrubbing) marks padding slots."""
 from __future__ import annotations
 
@@ -41,37 +41,6 @@ def key_to_value(key):
     positive = key >= 0x80000000
     bits = tl.where(positive, key & 0x7FFFFFFF, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def kth_largest_key(keys, k, NARROW: tl.constexpr = False):
-    """The largest t with count(keys >= t) >= k, i.e. the k-th largest key; 0 when fewer than k
-    keys are > 0. Up to 32 count rounds, one bit each, over a tensor held in registers. (Two bits
-    a round with the three counts packed into one int64 reduction measured slower on an H100.)
-
-    NARROW (for rows whose keys span a narrow range, like candidate lists cut at a threshold):
-    when at least k keys are > 0 the answer lies between their min and max, so the high bits
-    those two share are the answer's too and skip their count rounds (typically 7 of 32), for
-    the price of three extra reductions."""
-    threshold = tl.max(keys, axis=0) & 0
-    if NARROW:
-        valid = keys > 0
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        low = tl.min(tl.where(valid, keys, 0xFFFFFFFF), axis=0)
-        low = tl.where(n_valid >= k, low, 0)
-        differ = tl.max(keys, axis=0) ^ low
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | tl.full((), 1 << bit, tl.uint32)
-        if NARROW:
-            if (differ >> bit) == 0:
-                threshold = threshold | (low & tl.full((), 1 << bit, tl.uint32))
-            else:
-                count = tl.sum((keys >= candidate).to(tl.int32), axis=0)
-                threshold = tl.where(count >= k, candidate, threshold)
-        else:
-            count = tl.sum((keys >= candidate).to(tl.int32), axis=0)
-            threshold = tl.where(count >= k, candidate, threshold)
-    return threshold
 
 
 @triton.jit

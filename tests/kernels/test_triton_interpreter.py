@@ -113,7 +113,7 @@ def test_nan_scores_never_win():
 
 @pytest.mark.parametrize("row", ["equal", "fewer_than_k", "signs", "wide", "narrow"])
 def test_candidate_topk_on_rows_that_share_high_bits_or_not(row):
-    # The k-th largest search skips the high bits shared by the row's min and max valid keys.
+    # Rows whose keys share all, some or none of their high radix digits.
     gen = torch.Generator().manual_seed(5)
     x = {"equal": torch.full((1, 2, 40), 1.5),
          "fewer_than_k": torch.cat([torch.randn(1, 2, 6, generator=gen),

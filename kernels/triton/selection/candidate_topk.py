@@ -1,7 +1,7 @@
 """Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores):
-the row is held in registers, the k-th largest ordered key is found by a 32-round bitwise count
-search, then the entries above it, and as many ties as still fit, are written to their output
-slots by prefix sums. Output order is unspecified.
+the row is held in registers, the k-th largest ordered key is found by a radix select (four
+histogram passes, radix_select.py), then the entries above it, and as many ties as still fit, are
+written to their output slots by one prefix sum. Output order is unspecified.
 
 Rows shorter than k are padded with -inf entries whose key ids are in range but meaningless:
 (tail_base[row] + slot - n) mod T, which are hidden keys when tail_base is the end of the row's
@@ -19,7 +19,8 @@ from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from ..common import kth_largest_key, next_pow2, ordered_key
+from ..common import next_pow2, ordered_key
+from .radix_select import kth_largest_key
 
 MAX_ROW = 16384
 
@@ -45,13 +46,15 @@ def candidate_topk_kernel(
                      mask=valid, other=float("-inf"))
     values = tl.where(values == values, values, float("-inf"))
     keys = tl.where(valid, ordered_key(values), 0)
-    threshold = kth_largest_key(keys, K, NARROW=True)
+    threshold, n_above = kth_largest_key(keys, K, BLOCK)
 
     above = keys > threshold
     tied = keys == threshold
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    pos_above = tl.cumsum(above.to(tl.int32), axis=0) - 1
-    pos_tied = n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1
+    # One scan ranks both groups: above in the low 16 bits, tied in the high (BLOCK <= MAX_ROW
+    # < 2^16, so neither count carries into the other).
+    ranks = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
+    pos_above = (ranks & 0xFFFF) - 1
+    pos_tied = n_above + (ranks >> 16) - 1
     chosen = above | (tied & (pos_tied < K))
     pos = tl.where(above, pos_above, pos_tied)
 
@@ -96,7 +99,8 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                          f"in-register limit of {MAX_ROW}")
     dummy = values
     istr = ids.stride() if ids is not None else (0, 0, 0)
-    # 4 warps for 4096 entries measured fastest on an H200 (latency of the 32 count rounds).
+    # 4 warps for 4096 entries measured fastest on an H200 with the former 32-round bitwise
+    # search; not yet re-measured with the radix select.
     num_warps = max(4, min(16, block // 1024))
     wrap_triton(candidate_topk_kernel)[(batch * rows,)](
         values, ids if ids is not None else dummy, count if count is not None else dummy,

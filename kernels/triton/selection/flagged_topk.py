@@ -4,9 +4,9 @@ candidate_topk flags the rare row whose sampled threshold missed (list overflow,
 candidates). Redoing those rows on the host would need their ids there: a device-to-host sync
 per call, which stalls the stream (decode calls are short enough for the stall to show). Instead
 this kernel is always launched with one program per row; unflagged rows return at once, and a
-flagged row is selected exactly by streaming it from memory: 32 count passes find its k-th
-largest ordered key, one more pass places the keys above it and as many ties as fit. Slow per
-row (33 passes over the row), but it only runs where a threshold missed.
+flagged row is selected exactly by streaming it from memory: four histogram passes find its k-th
+largest ordered key (radix_select.py), one more pass places the keys above it and as many ties as
+fit. Slow per row (5 passes over the row), but it only runs where a threshold missed.
 
 Prefill selection never holds the score matrix (launch/scored_topk.py): there
 rescore_flagged_rows scores each flagged row in full into a scratch row of its program (the
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..common import INTERPRET, ordered_key
+from .radix_select import BINS, pick_digit, radix_digit
 from ..scoring.query_scores import query_operands, score_query_keys
 
 
@@ -37,18 +38,17 @@ def _row_keys(row, cols, n_cols):
 def select_row_topk(row, n_cols, K, out_val, out_idx, BLOCK: tl.constexpr):
     """Exact top-K of the n_cols scores at `row` (column ids) into out_val / out_idx + slot."""
     offsets = tl.arange(0, BLOCK)
+    # Radix select streamed from memory: each pass sums the pieces' histograms. Lanes past
+    # n_cols have key 0 and are counted (as every lane is in radix_select).
+    lanes = tl.cdiv(n_cols, BLOCK) * BLOCK
     threshold = tl.zeros((), dtype=tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | tl.full((), 1 << bit, tl.uint32)
-        count = tl.zeros((), dtype=tl.int32)
+    n_above = tl.zeros((), dtype=tl.int32)
+    for p in tl.static_range(4):
+        hist = tl.zeros((BINS,), dtype=tl.int32)
         for c0 in range(0, n_cols, BLOCK):
             _, keys = _row_keys(row, c0 + offsets, n_cols)
-            count += tl.sum((keys >= candidate).to(tl.int32), axis=0)
-        threshold = tl.where(count >= K, candidate, threshold)
-    n_above = tl.zeros((), dtype=tl.int32)
-    for c0 in range(0, n_cols, BLOCK):
-        _, keys = _row_keys(row, c0 + offsets, n_cols)
-        n_above += tl.sum((keys > threshold).to(tl.int32), axis=0)
+            hist += tl.histogram(radix_digit(keys, threshold, 24 - 8 * p), BINS)
+        threshold, n_above = pick_digit(hist, lanes, threshold, n_above, K, 24 - 8 * p)
     placed_above = tl.zeros((), dtype=tl.int32)
     placed_tied = tl.zeros((), dtype=tl.int32)
     for c0 in range(0, n_cols, BLOCK):
