@@ -8,7 +8,7 @@ paged key cache, over the shapes of PERFORMANCE.md; plus top-k alone against tor
 one table last (card named) and writes the full JSON.
 
     python bench/bench_indexer.py [--quick] [--only LABELS] [--variants NAMES] [--no-torch]
-                                  [--out FILE]
+                                  [--topk-only] [--out FILE]
 
 Columns: ms (median, CUDA events), useful TFLOP/s (the FLOPs the variant's algorithm needs on
 visible pairs, over its time), speedup vs our dense kernel, recall of the dense selection, and
@@ -291,6 +291,8 @@ def main():
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants to time (e.g. 'dense,misa'; their fp8, "
                              "paged and mask rows come along)")
+    parser.add_argument("--topk-only", action="store_true",
+                        help="only the top-k alone rows (ours against torch.topk)")
     parser.add_argument("--out", default="bench_indexer.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -298,6 +300,11 @@ def main():
     print(json.dumps(ceilings), flush=True)
     topk = bench_topk_alone()
     rows = []
+    if args.topk_only:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
+        print(table(device, ceilings, rows, topk), flush=True)
+        return
     wanted = None if args.only is None else {label.strip() for label in args.only.split(",")}
     for spec in shapes(args.quick):
         if wanted is not None and spec[0] not in wanted:
