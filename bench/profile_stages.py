@@ -14,8 +14,8 @@ import triton
 
 import misa_compile  # noqa: F401
 from misa_compile.kernels.torch_impl import gather_heads
-from misa_compile.kernels.triton import candidate_topk as ct
-from misa_compile.kernels.triton import sample_threshold as st
+from misa_compile.kernels.triton.selection import candidate_topk as ct
+from misa_compile.kernels.triton.selection import sample_threshold as st
 from misa_compile.kernels.triton.selection.compact_rows import _tuned_kernel as compact_rows_tuned
 from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.scoring.index_scores import index_scores
