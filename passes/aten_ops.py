@@ -80,6 +80,13 @@ _EXACT_WIDENINGS = {(torch.float16, torch.float32), (torch.float16, torch.float6
                     (torch.float32, torch.float64)}
 
 
+def is_exact_widening(node: Node) -> bool:
+    """A float cast whose destination holds every source value exactly (bf16/fp16 -> fp32, ...)."""
+    if not is_float_cast(node):
+        return False
+    return (tensor_val(node.args[0]).dtype, tensor_val(node).dtype) in _EXACT_WIDENINGS
+
+
 def is_rounding_cast(node: Node) -> bool:
     """A float cast that can change values (fp32 -> bf16/fp16, bf16 <-> fp16, ...). It keeps
     their order only weakly: distinct values may round to one."""

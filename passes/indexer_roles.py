@@ -17,6 +17,8 @@ from .axis_labels import Dims, LabelSpace, LayoutError, concrete, size_hint
 from .index_score import IndexScore
 from .indexer_site import IndexerSite, Mask, Match, Operand, mask_kind, site_name
 from .mask_algebra import Bias, FloatConst, MaskAlgebra
+
+aten = torch.ops.aten
 from .search import NotAnIndexer, TopkSearch
 
 
@@ -175,8 +177,19 @@ def _finite_hiding_bias(algebra: MaskAlgebra, mask: Mask) -> str:
             return ""
         return (f"the additive bias {node.name} hides keys with a finite value (at most "
                 f"{value.hidden * mask.factor:g})")
+    if any(_minus_inf_triangle(algebra, link.node) for link in mask.operand.links):
+        return ""
     return (f"the additive bias {node.name} is not proven to hide keys only with -inf (an entry "
             f"at or below {ops.HIDDEN_BIAS:g} hides its key)")
+
+
+def _minus_inf_triangle(algebra: MaskAlgebra, node: Node) -> bool:
+    """tril/triu of a -inf constant: every entry is 0 or -inf whatever the diagonal, so it hides
+    keys with -inf only even where the algebra cannot place the diagonal (a symbolic size)."""
+    if node.target not in (aten.tril.default, aten.triu.default):
+        return False
+    source = algebra.value(node.args[0])
+    return isinstance(source, FloatConst) and source.value == float("-inf")
 
 
 def _unique(nodes: list[Node]) -> list[Node]:

@@ -167,13 +167,19 @@ def _emit(builder: GraphBuilder, site: IndexerSite, config: MisaConfig, variant:
 
     arrange = Arranger(builder, space, size_of)
     b, s, h, d, t = site.batch, site.query, site.head, site.dim, site.key
-    def operand(op, layout):
+    def operand(op, layout, narrow=False):
         link = op.pick(space)
+        if narrow:
+            link = _below_exact_widening(op, link, space)
         node = arrange.to_canonical(link.node, link.dims, layout)
-        return _skipped_casts(builder, node, op, link)
+        return _skipped_casts(builder, node, op, link, keep_narrow=narrow)
 
-    q = _as_op_dtype(builder, operand(site.q, [b, s, h, d]))
-    k = _as_op_dtype(builder, operand(site.k, [b, t, d]))
+    # The ops compute in fp32 on q.float() and k.float(), so a bf16/fp16 q or k the model widens
+    # to fp32 before its contraction is handed over narrow: the same math, and the kernels' dots
+    # run on 16-bit tensor cores (products of 16-bit floats are exact in fp32) instead of
+    # emulating fp32 with three tf32 passes (about 5x slower).
+    q = _as_op_dtype(builder, operand(site.q, [b, s, h, d], narrow=True))
+    k = _as_op_dtype(builder, operand(site.k, [b, t, d], narrow=True))
     w = None
     for weight in site.weights:
         factor = operand(weight, [b, s, h])
@@ -350,18 +356,39 @@ def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite,
     return bias
 
 
-def _skipped_casts(builder: GraphBuilder, node: Node, operand, link) -> Node:
+def _skipped_casts(builder: GraphBuilder, node: Node, operand, link,
+                   keep_narrow: bool = False) -> Node:
     """Re-applies, in order, the float casts between the picked link and the consumer: the link
     may sit below them (its layout is simpler) but their rounding (fp32 -> bf16 -> fp32) is part
-    of what the contraction reads. Casts are elementwise, so they commute with the rearranging."""
+    of what the contraction reads. Casts are elementwise, so they commute with the rearranging.
+    keep_narrow: a last cast that only widens exactly is left out (see _narrow_source)."""
     chain = operand.links
     below = next(i for i, candidate in enumerate(chain) if candidate is link)
-    for current in reversed(chain[:below]):
-        if current.node.target in ops.CASTS:
-            dtype = ops.val(current.node).dtype
-            if ops.val(current.node.args[0]).dtype != dtype:
-                node = builder.call(aten._to_copy.default, node, dtype=dtype)
+    casts = [current.node for current in reversed(chain[:below])
+             if current.node.target in ops.CASTS
+             and ops.val(current.node.args[0]).dtype != ops.val(current.node).dtype]
+    if keep_narrow and casts and ops.is_exact_widening(casts[-1]):
+        casts.pop()
+    for cast in casts:
+        node = builder.call(aten._to_copy.default, node, dtype=ops.val(cast).dtype)
     return node
+
+
+def _below_exact_widening(operand, link, space) -> object:
+    """The input of the first dtype cast at or below `link` when that cast widens exactly
+    (bf16/fp16 -> fp32) and its input can be rearranged as simply as `link` (casts keep the
+    dims, so it usually can); else `link`. The op widens its q and k itself, so it may read them
+    narrow; _skipped_casts then re-applies every cast above but that last widening."""
+    chain = operand.links
+    start = next(i for i, candidate in enumerate(chain) if candidate is link)
+    for i in range(start, len(chain) - 1):
+        node = chain[i].node
+        if node.target in ops.CASTS and ops.val(node.args[0]).dtype != ops.val(node).dtype:
+            below = chain[i + 1]
+            if ops.is_exact_widening(node) and type(operand)(chain[i + 1:]).pick(space) is below:
+                return below
+            return link
+    return link
 
 
 def _size_or_one(size_of, label: Optional[int]):

@@ -5,6 +5,8 @@ without indexers are left exactly as they were.
 Selections are compared by gathered dense scores and sets of visible keys, never by index order."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -226,3 +228,32 @@ def test_a_negative_constant_on_the_weights_is_part_of_the_signed_weights():
                                               (q, k, w, visible), ALL_HEADS)
     assert len(report.rewritten) == 1, str(report)
     check_selection(indices, _negated_weights(q, k, w, visible))
+
+
+def _widened_then_scored(q, k, w, round_to=None):
+    """DeepSeek-V3.2's spelling: 16-bit q and k widened to fp32 right before the contraction
+    (optionally rounded to `round_to` first, which the op must then see)."""
+    if round_to is not None:
+        q, k = q.float().to(round_to), k.float().to(round_to)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)).relu()
+    index = torch.matmul(w.float().unsqueeze(-2), scores).squeeze(-2)
+    return index.topk(K, dim=-1).indices
+
+
+@pytest.mark.parametrize("dtype,round_to", [(torch.bfloat16, None), (torch.float16, None),
+                                            (torch.bfloat16, torch.float16)])
+def test_widened_16_bit_operands_reach_the_op_narrow_with_the_same_selection(dtype, round_to):
+    """The ops widen q and k to fp32 themselves, exactly, so a model's q.float() is left out
+    and the kernels' dots run on 16-bit operands; a rounding cast below it is kept."""
+    q, k, w, _, _ = inputs()
+    q, k = q.to(dtype), k.to(dtype)
+    fn = functools.partial(_widened_then_scored, round_to=round_to)
+    indices, report, gm = compile_with_rewrite(fn, (q, k, w), MisaConfig(variant="dense"))
+    assert len(report.rewritten) == 1
+    dense_call, = [n for n in gm.graph.nodes if n.target == MISA.dense_topk.default]
+    operand_dtypes = [n.meta["val"].dtype for n in dense_call.args[:2]]
+    assert operand_dtypes == [round_to or dtype] * 2
+    if round_to is not None:
+        q, k = q.to(round_to), k.to(round_to)
+    per_head = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
+    check_selection(indices, (per_head * w[..., None]).sum(2))
