@@ -19,7 +19,7 @@ misa h=8.
 
     python bench/bench_model.py [--lengths 4096,8192,16384,32768,65536] [--glm-lengths 32768]
         [--model-lengths 8192] [--variants dense,misa,misa_hier] [--baselines eager,inductor]
-        [--out docs/results/bench_model.json]
+        [--budget-s SECONDS] [--out docs/results/bench_model.json]
     python bench/bench_model.py --smoke --out /tmp/bench_model.json   # tiny sizes, CPU or CUDA
 
 Columns: ms (median after warm-up: CUDA events / triton.testing.do_bench; wall clock on CPU);
@@ -41,6 +41,7 @@ import json
 import platform
 import statistics
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -70,6 +71,10 @@ SCORE_RTOL = 1e-5
 QUALITY_CHUNK = 4096     # queries per step when comparing selections (bounds the [chunk, T] sets)
 
 
+# A row not started because --budget-s ran out (the table is still printed and written).
+OUT_OF_TIME = "skipped: --budget-s spent"
+
+
 @dataclass(frozen=True)
 class Settings:
     device: torch.device
@@ -79,6 +84,10 @@ class Settings:
     block_size: int
     candidates: int
     seed: int = 0
+    deadline: Optional[float] = None   # time.perf_counter() after which no row starts
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     def config(self, variant: str) -> MisaConfig:
         return MisaConfig(variant=variant, active_heads=self.active_heads,
@@ -429,6 +438,8 @@ def bench_length(family: IndexerFamily, module: IndexerPrefill, length: int, set
         key = (family.label, plan.name)
         if key in too_big:
             row["status"] = f"skipped: OOM at {too_big[key]}"
+        elif settings.out_of_time():
+            row["status"] = OUT_OF_TIME
         else:
             measured, output = measure_row(plan, settings.device)
             row.update(measured)
@@ -504,6 +515,8 @@ def bench_model(lengths, layers: int, settings: Settings, module_rows: list[dict
             key = ("DeepseekV32ForCausalLM", name)
             if key in too_big:
                 result = dict(status=f"skipped: OOM at {too_big[key]}")
+            elif settings.out_of_time():
+                result = dict(status=OUT_OF_TIME)
             else:
                 plan = RowPlan(name, "", _compiled_prefill(short.model, input_ids, backend,
                                                            backend_options), None)
@@ -666,6 +679,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"misa variants, compiled and as the direct chain: {VARIANTS}")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"baselines of the module: {BASELINES} ('' for none)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no row after this many seconds; the rest are reported as "
+                             "skipped, so a run under a time limit still prints its table")
     parser.add_argument("--out", default="docs/results/bench_model.json")
     args = parser.parse_args(argv)
     defaults = (("64", "64", "64") if args.smoke else
@@ -688,6 +704,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     settings = make_settings(args.smoke)
+    if args.budget_s is not None:
+        settings = dataclasses.replace(settings, deadline=started + args.budget_s)
     if args.smoke:
         # Tiny graphs: a pool of compile workers costs more to start than it saves.
         torch._inductor.config.compile_threads = 1

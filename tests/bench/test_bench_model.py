@@ -137,3 +137,18 @@ def test_other_failures_are_recorded_with_their_message():
     row, _ = bench_model.measure_row(bench_model.RowPlan("x", "", lambda: broken, None),
                                      torch.device("cpu"))
     assert row["status"] == "error: ValueError: no such head"
+
+
+def test_a_spent_budget_skips_the_rows_and_still_prints_and_writes_the_table(tmp_path):
+    """--budget-s: rows not started in time are reported as skipped, not lost with the run."""
+    out = tmp_path / "bench_model.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_model.py"), "--smoke",
+                           "--budget-s", "0", "--model-lengths", "", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["family"] for row in rows} == set(FAMILIES)
+    assert rows and all(row["status"] == bench_model.OUT_OF_TIME for row in rows)
+    table = done.stdout[done.stdout.rindex("| model | L | row |"):]
+    assert table.count(bench_model.OUT_OF_TIME) == len(rows)
