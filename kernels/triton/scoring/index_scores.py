@@ -101,7 +101,7 @@ def index_scores_kernel(
             # ReLU that keeps NaN (as torch.relu does): a NaN score is then hidden below.
             relu = tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL)
             acc += w_j.to(tl.float32)[:, None] * relu
-        scores = acc * scale
+        scores = acc * tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
         if HAS_KSCALE:
             k_scale = tl.load(kscale_ptr + b.to(tl.int64) * stride_sb
                               + key_rows.to(tl.int64) * stride_st, mask=col_ok, other=1.0)

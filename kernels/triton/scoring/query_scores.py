@@ -89,7 +89,7 @@ def score_query_keys(
                          other=0.0).to(DOT_DTYPE)
         logits = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
         scores = tl.sum(w[:, None] * tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL),
-                        axis=0) * scale
+                        axis=0) * tl.cast(scale, tl.float32)  # fp64 when Inductor launches
         if HAS_KSCALE:
             scores = scores * tl.load(kscale_ptr + outer * stride_sb + inner * stride_st,
                                       mask=visible, other=1.0)
