@@ -303,3 +303,25 @@ def test_rows_redone_on_the_device_keep_their_mask(additive, monkeypatch):
     scores = reference.dense_scores(q, k, w, mask=mask)
     assert_same_selection(values, indices, scores, 10)
     assert torch.isfinite(scores.gather(-1, indices)[torch.isfinite(values)]).all()
+
+
+@pytest.mark.parametrize("block", [5, 16, 40])
+@pytest.mark.parametrize("causal,ragged", [(True, False), (False, True), (True, True)])
+@forms
+def test_block_visibility_kernel_matches_the_reference(form, block, causal, ragged):
+    """The router's per-block visibility: whole chunks, a block's ragged end (40 = 2 chunks of 16
+    + 8) and blocks narrower than a chunk (5), under causal and ragged ranges."""
+    from misa_compile.kernels.triton.scoring.block_visibility import block_visibility as kernel
+    from misa_compile.kernels.visibility import chunk_visibility
+
+    batch, queries, keys = 2, 21, 93
+    mask = make_mask(form, batch, queries, keys, seed=block)
+    gen = torch.Generator().manual_seed(block)
+    key_start = torch.randint(0, 30, (batch, queries), generator=gen) if ragged else None
+    key_end = key_start + torch.randint(0, 80, (batch, queries), generator=gen) if ragged else None
+    got = kernel(mask, batch, queries, keys, block, causal, key_start, key_end)
+    visible, _ = chunk_visibility(slice(None), batch, queries, keys, torch.device("cpu"), causal,
+                                  key_start, key_end, mask)
+    want = block_visibility(visible, block)
+    assert want.any() and not want.all(), "the case must have visible and hidden blocks"
+    assert torch.equal(got, want)

@@ -31,17 +31,30 @@ def block_visibility_kernel(mask_ptr, ks_ptr, ke_ptr, out_ptr, S, T, block,
     lo, hi = visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S, CAUSAL,
                            RAGGED)
     # Walk only the keys of the block that some row's range leaves visible (causal rows stop at
-    # the diagonal).
-    start = tl.maximum(blk * block, tl.min(tl.where(row_ok, lo, T), axis=0))
-    end = tl.minimum(blk * block + block, tl.minimum(T, tl.max(tl.where(row_ok, hi, 0), axis=0)))
+    # the diagonal), in chunks that start BLOCK_N-aligned within the block.
+    block_lo = blk * block
+    limit = tl.minimum(block_lo + block, T)
+    start = tl.maximum(block_lo, tl.min(tl.where(row_ok, lo, T), axis=0))
+    end = tl.minimum(limit, tl.max(tl.where(row_ok, hi, 0), axis=0))
+    first = block_lo + ((start - block_lo) // BLOCK_N) * BLOCK_N
     seen = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for s0 in range(start, end, BLOCK_N):
+    for s0 in range(first, end, BLOCK_N):
         keys = s0 + tl.arange(0, BLOCK_N)
-        ok = (row_ok[:, None] & (keys < end)[None, :] & (keys[None, :] >= lo[:, None])
-              & (keys[None, :] < hi[:, None]))
-        visible, _ = load_mask_tile(mask_ptr, b, t[:, None], keys[None, :], ok, stride_mb,
-                                    stride_ms, stride_mt, MASK_KIND)
-        seen = tl.maximum(seen, tl.max(visible.to(tl.int32), axis=1))
+        in_range = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+        # A chunk inside the block and the tensor is loaded under a mask that is constant along
+        # the keys (the rows only), so the loads vectorize (16 bytes per thread, not one); the
+        # ranges are applied after the load. Only a block's or the tensor's ragged end takes the
+        # per-key mask.
+        if s0 + BLOCK_N <= limit:
+            # (Each branch loads: a mask merged after the branch would lose its constancy.)
+            visible, _ = load_mask_tile(mask_ptr, b, t[:, None], keys[None, :],
+                                        tl.broadcast_to(row_ok[:, None], [BLOCK_M, BLOCK_N]),
+                                        stride_mb, stride_ms, stride_mt, MASK_KIND)
+        else:
+            visible, _ = load_mask_tile(mask_ptr, b, t[:, None], keys[None, :],
+                                        row_ok[:, None] & (keys < limit)[None, :],
+                                        stride_mb, stride_ms, stride_mt, MASK_KIND)
+        seen = tl.maximum(seen, tl.max((visible & in_range).to(tl.int32), axis=1))
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os + blk,
              seen.to(tl.uint8), mask=row_ok)
 
@@ -57,7 +70,10 @@ def block_visibility(mask: torch.Tensor, batch: int, queries: int, T: int, block
     mask_t, kind, mstr = mask_operand(mask, batch, queries, T)
     ragged = key_start is not None
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    block_m, block_n = (16, 16) if INTERPRET else (32, 128)
+    # Chunks no wider than the block (a power of two at most 128), so that the chunks of a
+    # block of 2^n keys are all whole and load vectorized.
+    block_n = 16 if INTERPRET else max(16, min(128, 1 << (block.bit_length() - 1)))
+    block_m = 16 if INTERPRET else 32
     grid = (triton.cdiv(queries, block_m), n_blocks, batch)
     wrap_triton(block_visibility_kernel)[grid](
         mask_t, key_start if ragged else mask_t, key_end if ragged else mask_t,
