@@ -120,6 +120,8 @@ def mask_operand(mask: Optional[torch.Tensor], batch: int, queries: int, keys: i
     view = mask.expand(batch, queries, keys)
     if view.dtype == torch.bool:
         return view.view(torch.uint8), MASK_BOOL, view.stride()
+    if view.dtype == torch.uint8:  # the kernels' own block visibility (never a user's mask)
+        return view, MASK_BOOL, view.stride()
     return view, MASK_ADDITIVE, view.stride()
 
 

@@ -176,7 +176,11 @@ def test_production_indexer_with_all_heads_in_cuda_graphs_selects_what_eager_sel
     # (what mode="reduce-overhead" sets) and the MisaConfig fields.
     graphs = torch.compile(module, backend="misa",
                            options={"triton.cudagraphs": True, "active_heads": heads})
-    got = run_each(graphs, batches, indices)
+    # Inductor computes the indexer's prologue (projections, norm, rotary) in fp32 where eager
+    # rounds to bf16 between ops, which moves q and k and so the selection (710 of 1024 queries
+    # at this size); emulating eager's roundings makes the indexer's inputs eager's.
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        got = run_each(graphs, batches, indices)
     report = misa_compile.backend.last_report()
     assert len(report.rewritten) == 1, str(report)
     assert_ran_with_cuda_graphs(graphs, batches[0], indices)

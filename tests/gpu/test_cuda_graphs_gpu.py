@@ -61,12 +61,14 @@ CASES = {
 }
 
 
-def same_selection(got, want):
-    """Equal as sets per row: sorted values equal, sorted ids equal on (nearly) every row (a
-    tie at the k-th score may pick either key)."""
+def same_selection(got, want, rtol=0.0):
+    """Equal as sets per row: sorted values equal (to `rtol` of the largest |value|), sorted ids
+    equal on (nearly) every row (a tie at the k-th score may pick either key)."""
     if isinstance(want, tuple):
         (gv, gi), (wv, wi) = got, want
-        torch.testing.assert_close(gv.sort(-1).values, wv.sort(-1).values, rtol=0, atol=0)
+        scale = float(wv.masked_fill(~torch.isfinite(wv), 0).abs().max())
+        torch.testing.assert_close(gv.sort(-1).values, wv.sort(-1).values, rtol=rtol,
+                                   atol=rtol * scale)
         rows_equal = (gi.sort(-1).values == wi.sort(-1).values).all(-1).float().mean()
     else:
         rows_equal = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean()
@@ -157,5 +159,7 @@ def test_inductor_traces_into_the_kernels():
     for kernel in ("index_scores_kernel", "candidate_topk_kernel", "router_scores_kernel"):
         assert kernel in source, kernel
     want_dense, want_sparse = indexer(q, k, w)
-    same_selection(dense, want_dense)
-    same_selection(sparse, want_sparse)
+    # Inductor compiles and tunes the kernels itself, so a score may differ in its last bits
+    # (an fp32 sum rounded in another order: measured at most 1.5e-5 on scores of about 100).
+    same_selection(dense, want_dense, rtol=1e-6)
+    same_selection(sparse, want_sparse, rtol=1e-6)

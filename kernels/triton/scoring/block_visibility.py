@@ -62,11 +62,12 @@ def block_visibility_kernel(mask_ptr, ks_ptr, ke_ptr, out_ptr, S, T, block,
 def block_visibility(mask: torch.Tensor, batch: int, queries: int, T: int, block: int,
                      causal: bool, key_start: Optional[torch.Tensor],
                      key_end: Optional[torch.Tensor]) -> torch.Tensor:
-    """bool [B, S, ceil(T / block)]: block n is visible to query t when a key of
+    """uint8 [B, S, ceil(T / block)], nonzero where block n is visible to query t: when a key of
     [n * block, (n + 1) * block) is visible to it; `mask` (bool or additive) is any shape
-    broadcastable to [B, S, T]."""
+    broadcastable to [B, S, T]. uint8, not bool: Inductor cannot lower a bool -> uint8 view of a
+    fresh buffer, and the kernels read bool masks as bytes anyway."""
     n_blocks = triton.cdiv(T, block)
-    out = torch.empty(batch, queries, n_blocks, dtype=torch.bool, device=mask.device)
+    out = torch.empty(batch, queries, n_blocks, dtype=torch.uint8, device=mask.device)
     mask_t, kind, mstr = mask_operand(mask, batch, queries, T)
     ragged = key_start is not None
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
@@ -77,7 +78,7 @@ def block_visibility(mask: torch.Tensor, batch: int, queries: int, T: int, block
     grid = (triton.cdiv(queries, block_m), n_blocks, batch)
     wrap_triton(block_visibility_kernel)[grid](
         mask_t, key_start if ragged else mask_t, key_end if ragged else mask_t,
-        out.view(torch.uint8), queries, T, block, *rstr, *mstr, out.stride(0), out.stride(1),
+        out, queries, T, block, *rstr, *mstr, out.stride(0), out.stride(1),
         CAUSAL=causal, RAGGED=ragged, MASK_KIND=kind, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=1 if INTERPRET else 4)
     return out

@@ -140,7 +140,7 @@ def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_si
                   key_end: Optional[torch.Tensor],
                   blocks_seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 [B, S, H]: r[t, j] of every query and head, over the pooled keys kbar [B, n_blocks, D]
-    (pooled_keys) of T key positions. blocks_seen [B, S, n_blocks] (block_visibility, bool):
+    (pooled_keys) of T key positions. blocks_seen [B, S, n_blocks] (block_visibility, uint8):
     with a mask, the blocks that hold a key the query sees."""
     batch, queries, num_heads, dim = q.shape
     n_blocks = kbar.shape[1]
@@ -148,8 +148,6 @@ def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_si
     ragged = key_start is not None
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
-    if blocks_seen is not None:
-        blocks_seen = blocks_seen.view(torch.uint8)
     vstr = blocks_seen.stride() if blocks_seen is not None else (0, 0, 0)
     if INTERPRET:
         block_m, block_nb, warps = 16, 16, 1
