@@ -4,8 +4,10 @@ MISA-hierarchical and HISA, dense / MISA on FP8 e4m3 inputs with per-token scale
 MISA given the causal visibility as a mask tensor (causal=False plus a [B, 1, S, T] mask sliced
 [:, 0], bool as transformers builds it for sdpa, additive bf16 0 / finfo.min as for eager
 attention; prefill shapes with at most 2^30 mask entries), and (decode) dense / MISA over a
-paged key cache, over the shapes of PERFORMANCE.md; plus top-k alone against torch.topk. Prints
-one table last (card named) and writes the full JSON.
+paged key cache, and each decode call of dense / MISA (contiguous and paged) once more replayed
+from a CUDA graph ("graph" rows: no host work per call; the gap to the plain row is the host's
+launch cost, since no op synchronises with the host), over the shapes of PERFORMANCE.md; plus
+top-k alone against torch.topk. Prints one table last (card named) and writes the full JSON.
 
     python bench/bench_indexer.py [--quick] [--only LABELS] [--variants NAMES] [--no-torch]
                                   [--topk-only] [--out FILE]
@@ -45,6 +47,7 @@ FP8_VARIANTS = ("dense", "misa")
 PAGED_VARIANTS = ("dense", "misa")
 PAGE = 64
 MASK_VARIANTS = ("dense", "misa")
+GRAPH_VARIANTS = ("dense", "misa", "dense paged", "misa paged")
 # Mask rows only where the mask stays small enough to sit beside the inputs (1 GiB bool).
 MASK_ENTRIES = 1 << 30
 
@@ -156,13 +159,27 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, vari
                  **{k: v for k, v in calls.items()}}
     if variants is not None:
         calls = {name: call for name, call in calls.items() if name.split(" ")[0] in variants}
+    graphs = {}
+    if queries == 1:
+        direct = {"dense": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["dense"], scale=SCALE),
+                  "misa": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["misa"], scale=SCALE),
+                  "dense paged": lambda: paged_call(paged_sets[0], VARIANTS["dense"]),
+                  "misa paged": lambda: paged_call(paged_sets[0], VARIANTS["misa"])}
+        for name in GRAPH_VARIANTS:
+            if variants is not None and name.split(" ")[0] not in variants:
+                continue
+            graphs[f"{name} graph"] = captured(direct[name])
+            calls[f"{name} graph"] = graphs[f"{name} graph"][0]
     for name, call in calls.items():
         try:
             ms = time_call(call)
             peak = peak_extra_gib(call)
             rec = None
             if name not in ("torch", "compile"):
-                if name.endswith(" fp8"):
+                if name in graphs:
+                    replay, (values, indices) = graphs[name]
+                    replay()  # the static outputs of one replay on sets[0]
+                elif name.endswith(" fp8"):
                     values, indices = fp8_call(fp8_sets[0], VARIANTS[name.removesuffix(" fp8")])
                 elif name.endswith(" paged"):
                     values, indices = paged_call(paged_sets[0],
@@ -187,6 +204,22 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, vari
         if dense_ms and "ms" in r:
             r["vs_dense"] = dense_ms / r["ms"]
     return rows
+
+
+def captured(call):
+    """(replay, outputs): `call` captured once in a CUDA graph on its fixed inputs (warmed up on
+    a side stream first, as torch.cuda.graph asks, so that compilation and autotuning happen
+    outside the capture), and the graph's static outputs."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = call()
+    return graph.replay, outputs
 
 
 def causal_masks(batch, queries, keys):
