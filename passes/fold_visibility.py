@@ -7,6 +7,16 @@ key) axes and folds each proven condition on (query i, key j) into the ops' argu
   j <= i + (T - S)       ->  causal=True  (end-aligned: query i of S sees keys [0, T-S+i])
   j <= a*i + c,  j >= a*i + c (other ints)
                          ->  key_start / key_end [B,S] (static S and T only)
+  L[b,j] >= L[b,i],  L[b,j] <= L[b,i]   (L a cumsum of a bool along its [B,N] rows, N == S == T)
+                         ->  key_start = first index of i's run of equal labels in row b,
+                             key_end = one past its last (SegmentBound; static S and T only)
+  L[b,i] == L[b,j] and P[b,j] - P[b,i] + c >= 0, L proven to be P's packed-sequence labels
+                         ->  the segment as above and j - i + c >= 0, folded as the bounds above
+
+The last is transformers' create_causal_mask given position_ids P (always the case under
+torch.compile, see find_packed_sequence_indices): P is a graph input of unknown values, but on one
+run of equal labels P[j] - P[i] == j - i (mask_algebra.MaskAlgebra.within_segments), so a packed
+causal mask becomes ragged key ranges and no [S,T] mask is read.
 
 Only what is proven is folded: an offset equal to T - S only when that equality is statically
 known (a run-time position offset is opaque to the algebra and stays in the mask). What cannot be
@@ -21,7 +31,8 @@ from typing import Optional
 from . import aten_ops as ops
 from .axis_labels import Size, concrete, is_unit, same_size
 from .indexer_site import IndexerSite, Link, Mask
-from .mask_algebra import Affine, Bias, FloatConst, Leaf, MaskAlgebra, Predicate, negate
+from .mask_algebra import (Affine, Bias, FloatConst, Leaf, MaskAlgebra, Predicate, ReadSum,
+                           label_difference, negate, same_affine)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,18 @@ class KeyBound:
 
     const: int
     per_query: int
+
+
+@dataclass(frozen=True)
+class SegmentBound:
+    """A key bound from labels L [B_L, N] that never decrease along N (a cumsum of a bool):
+    side "start": key >= the first index of query i's run of equal labels, "end": key < one past
+    its last. `row`: None reads row b of L for batch b (B_L == B), an int that one row for every
+    batch."""
+
+    labels: object
+    row: Optional[int]
+    side: str
 
 
 @dataclass(frozen=True)
@@ -45,8 +68,8 @@ class KeptLeaf:
 @dataclass
 class SiteVisibility:
     causal: bool = False
-    starts: list = field(default_factory=list)      # KeyBound: key >= each
-    ends: list = field(default_factory=list)        # KeyBound: key < each
+    starts: list = field(default_factory=list)      # KeyBound, SegmentBound: key >= each
+    ends: list = field(default_factory=list)        # KeyBound, SegmentBound: key < each
     leaves: list = field(default_factory=list)      # KeptLeaf
     kept_masks: list = field(default_factory=list)  # Mask, kept whole
 
@@ -102,6 +125,8 @@ def _fold_mask(algebra: MaskAlgebra, site: IndexerSite, mask: Mask, queries: Siz
     roles = _roles(site, link)
     if roles is None:
         return None
+    # Position bounds proven on one packed segment become bounds on the indices.
+    predicate = algebra.within_segments(predicate, ops.shape(link.node))
     causal, starts, ends, leaves = False, [], [], []
     static = concrete(queries) is not None and concrete(keys) is not None
     for bound in predicate.bounds:
@@ -120,6 +145,16 @@ def _fold_mask(algebra: MaskAlgebra, site: IndexerSite, mask: Mask, queries: Siz
             if kept is None:
                 return None
             leaves.append(kept)
+    for bound in predicate.read_bounds:
+        segment = _segment_bound(algebra, site, bound.expr, roles, queries, keys) \
+            if static else None
+        if segment is not None:
+            (starts if segment.side == "start" else ends).append(segment)
+            continue
+        kept = _kept(site, bound.leaf, link, roles)
+        if kept is None:
+            return None
+        leaves.append(kept)
     for leaf in predicate.leaves:
         kept = _kept(site, leaf, link, roles)
         if kept is None:
@@ -185,6 +220,50 @@ def _bound_kind(expr: Affine, per_role: dict, queries: Size, keys: Size, static:
             or concrete(expr.const) is None:
         return "keep"
     return "end" if per_key == -1 else "start"
+
+
+def _segment_bound(algebra: MaskAlgebra, site: IndexerSite, expr: ReadSum, roles: list,
+                   queries: Size, keys: Size) -> Optional[SegmentBound]:
+    """L[b,j] - L[b,i] >= 0 (key j at or after the start of query i's run: L never decreases)
+    or L[b,i] - L[b,j] >= 0 (before its end), for L [B_L, N] a cumsum of a bool along N with
+    N == S == T statically known, read in one row at the query and at the key index."""
+    difference = label_difference(expr)
+    if difference is None:
+        return None
+    labels, a, b = difference
+    shape = ops.shape(labels)
+    if len(shape) != 2 or algebra.nondecreasing(labels) != 1 \
+            or not (same_size(shape[1], queries) and same_size(shape[1], keys)):
+        return None
+    if not same_affine(a[0], b[0]):
+        return None  # two different rows (batches): not a run of one row
+    row = _label_row(site, a[0], roles, shape[0])
+    if row is False:
+        return None
+    if _is_axis(a[1], roles, "key") and _is_axis(b[1], roles, "query"):
+        return SegmentBound(labels, row, "start")
+    if _is_axis(a[1], roles, "query") and _is_axis(b[1], roles, "key"):
+        return SegmentBound(labels, row, "end")
+    return None
+
+
+def _label_row(site: IndexerSite, coordinate: Affine, roles: list, rows: Size):
+    """None when the labels' row is the batch index (B_L == B), the row index when it is one
+    constant row, False otherwise."""
+    batch = site.space.size(site.batch) if site.batch is not None else 1
+    if _is_axis(coordinate, roles, "batch") and same_size(rows, batch):
+        return None
+    row = concrete(coordinate.const) if coordinate.is_constant else None
+    if row is not None and concrete(rows) is not None and 0 <= row < concrete(rows):
+        return row
+    return False
+
+
+def _is_axis(expr: Affine, roles: list, role: str) -> bool:
+    """expr is exactly the index along the site's `role` axis."""
+    ones = [d for d, c in enumerate(expr.coefs) if not same_size(c, 0)]
+    return same_size(expr.const, 0) and len(ones) == 1 and roles[ones[0]] == role \
+        and same_size(expr.coefs[ones[0]], 1)
 
 
 def _kept(site: IndexerSite, leaf: Optional[Leaf], link: Link, roles: list) -> Optional[KeptLeaf]:

@@ -7,14 +7,25 @@ coordinates (element indices) of each node's own output:
 
   Affine     an integer tensor whose element at index i is  const + sum_d coefs[d] * i[d]
              (positions: arange(past, past + S), cache positions, key positions, ...)
-  Predicate  a bool tensor: True exactly where every Bound holds and every Leaf is True
+  ReadSum    an integer tensor  Affine(i) + sum_k coef_k * node_k[at_k(i)]: integer graph nodes
+             whose values are unknown (position_ids passed in, labels cumsum'd from them) read
+             at affine coordinates, e.g. P[b, q] - P[b, kv]
+  Predicate  a bool tensor: True exactly where every Bound and ReadBound holds and every Leaf is
+             True
   Bias       a float tensor: 0 where a Predicate holds, a value <= HIDDEN_BIAS elsewhere
   FloatConst a float tensor with one value everywhere
 
 Anything it cannot prove is opaque: a bool node it does not understand becomes a Leaf (a graph
-node kept as it is, with the coordinates it runs along), an integer or float node becomes
-unknown (None). Sizes and offsets may be ints or SymInts; an equality between them is accepted
-only when it is statically known (axis_labels.same_size), never guessed from example values."""
+node kept as it is, with the coordinates it runs along), an integer node a Read of itself, a float
+node unknown (None).
+
+Two facts about opaque integer nodes are proven on demand: `nondecreasing` (a cumsum of a bool, so
+equal labels L[q] == L[kv] form one contiguous run) and `segment_labels` (the cumsum of
+`diff(P) != 1`, transformers' packed-sequence labels: within one run P[x] - P[y] == x - y), which
+`within_segments` uses to turn position bounds into index bounds.
+
+Sizes and offsets may be ints or SymInts; an equality between them is accepted only when it is
+statically known (axis_labels.same_size), never guessed from example values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -79,21 +90,74 @@ class Bound:
 
 
 @dataclass(frozen=True)
+class Read:
+    """node[at(i)]: an integer graph node of unknown values read at affine coordinates; `at` has
+    one Affine (in the described tensor's coordinates) per dimension of the node."""
+
+    node: Node
+    at: tuple
+
+
+@dataclass(frozen=True)
+class ReadSum:
+    """base(i) + sum_k coef_k * read_k(i); `terms` holds (coef, Read) pairs, no Read twice and no
+    zero coef. With no terms it is an Affine, and is always spelled as one (_normal)."""
+
+    base: Affine
+    terms: tuple
+
+    def scaled(self, factor: Size) -> "ReadSum":
+        return ReadSum(self.base.scaled(factor), tuple((c * factor, r) for c, r in self.terms))
+
+    def shifted(self, amount: Size) -> "ReadSum":
+        return ReadSum(self.base.shifted(amount), self.terms)
+
+
+@dataclass(frozen=True)
+class ReadBound:
+    """The condition  expr >= 0  with expr a ReadSum; `leaf`: a node computing exactly it."""
+
+    expr: ReadSum
+    leaf: Optional[Leaf]
+
+    def negated(self, leaf: Optional[Leaf]) -> "ReadBound":
+        return ReadBound(self.expr.scaled(-1).shifted(-1), leaf)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A node proven to hold transformers' packed-sequence labels along `dim`: for every index i
+    with i[dim] >= 1, labels[i] - labels[i - e_dim] is (P[at(i)] - P[at(i) - e] != 1), where
+    `positions` = P read at `at`, and at(i - e_dim) = at(i) - e (one P dimension steps with dim).
+    So on a run of equal labels P[at(x)] - P[at(y)] == x[dim] - y[dim]."""
+
+    positions: Read
+    dim: int
+
+
+@dataclass(frozen=True)
 class Predicate:
-    """True exactly where every bound holds and every leaf is True; `never`: False everywhere."""
+    """True exactly where every bound and read bound holds and every leaf is True; `never`: False
+    everywhere."""
 
     bounds: tuple = ()
     leaves: tuple = ()
     never: bool = False
+    read_bounds: tuple = ()
 
     @property
     def always(self) -> bool:
-        return not self.never and not self.bounds and not self.leaves
+        return not self.never and not self.bounds and not self.leaves and not self.read_bounds
+
+    @property
+    def parts(self) -> int:
+        return len(self.bounds) + len(self.leaves) + len(self.read_bounds)
 
     def both(self, other: "Predicate") -> "Predicate":
         if self.never or other.never:
             return Predicate(never=True)
-        return Predicate(self.bounds + other.bounds, self.leaves + other.leaves)
+        return Predicate(self.bounds + other.bounds, self.leaves + other.leaves,
+                         read_bounds=self.read_bounds + other.read_bounds)
 
 
 @dataclass(frozen=True)
@@ -109,7 +173,7 @@ class FloatConst:
     value: float
 
 
-Value = Union[Affine, Predicate, Bias, FloatConst]
+Value = Union[Affine, ReadSum, Predicate, Bias, FloatConst]
 
 # How the coordinates of an op's input are read from its output's: one Affine (in output
 # coordinates) per input dimension.
@@ -143,7 +207,144 @@ class MaskAlgebra:
         result = _checked_kind(result, value.dtype)
         if result is None and value.dtype == torch.bool:
             return Predicate(leaves=(Leaf(node, _own_dims(value.shape)),))
+        if result is None and value.dtype in INT_DTYPES:
+            # Values unknown, but two reads of it can still be compared (P[kv] <= P[q]).
+            rank = value.dim()
+            own = tuple(Affine(0, (0,) * rank) if is_unit(n) else _coordinate(d, rank)
+                        for d, n in enumerate(value.shape))
+            return ReadSum(Affine(0, (0,) * rank), ((1, Read(node, own)),))
         return result
+
+    # --- proven facts about opaque integer nodes --------------------------------------------
+
+    def nondecreasing(self, node: Node) -> Optional[int]:
+        """The dimension along which `node` is a cumsum of a bool (of 0s and 1s), hence
+        nondecreasing; None if that is not proven."""
+        if not isinstance(node, Node) or node.target != aten.cumsum.default:
+            return None
+        source, value = node.args[0], ops.tensor_val(node)
+        if value is None or value.dtype not in INT_DTYPES or "dtype" in node.kwargs:
+            return None
+        if isinstance(source, Node) and source.target in ops.CASTS \
+                and _dtype(source) in INT_DTYPES:
+            source = source.args[0]  # (d != 1).long().cumsum(-1): 0/1 as well
+        if _dtype(source) != torch.bool:
+            return None
+        return node.args[1] % value.dim()
+
+    def segment_labels(self, node: Node) -> Optional[Labels]:
+        """`node` as the packed-sequence labels of some P (see Labels): cumsum along dim of
+        (D != 1) where, at every index past the first along dim, D = P[at] - P[at - e]. The value
+        of D at index 0 only adds a constant to every label, so it does not matter."""
+        dim = self.nondecreasing(node)
+        if dim is None:
+            return None
+        source = node.args[0]
+        if source.target in ops.CASTS and _dtype(source) in INT_DTYPES:
+            source = source.args[0]
+        try:
+            not_one = self._not_one(source, dim)
+        except (LayoutError, TypeError, ValueError, IndexError, KeyError, AttributeError):
+            return None  # spelled in a way this module does not read
+        return _as_labels(not_one, dim, ops.shape(node)) if not_one is not None else None
+
+    def within_segments(self, predicate: Predicate, shape: Sequence[Size]) -> Predicate:
+        """`predicate` (describing a tensor of `shape`) with every position bound
+        P[at(c1)] - P[at(c2)] + k >= 0 that stands next to the same-segment condition
+        L[c1] == L[c2] (both halves, L proven the labels of that P, c1 and c2 equal but along the
+        labels' dim) replaced by the index bound c1[dim] - c2[dim] + k >= 0: on one segment the
+        two are equal (Labels), and off it the conjunction is False either way."""
+        if predicate.never or not predicate.read_bounds:
+            return predicate
+        differences = [label_difference(b.expr) for b in predicate.read_bounds]
+        pairs = [d for d in differences if d is not None
+                 and any(o is not None and o[0] is d[0] and _same_at(o[1], d[2])
+                         and _same_at(o[2], d[1]) for o in differences)]
+        bounds, kept = list(predicate.bounds), []
+        for bound in predicate.read_bounds:
+            index = self._position_bound(bound.expr, pairs, shape)
+            if index is None:
+                kept.append(bound)
+            else:
+                bounds.append(Bound(index, bound.leaf))
+        return Predicate(tuple(bounds), predicate.leaves, read_bounds=tuple(kept))
+
+    def _position_bound(self, expr: ReadSum, pairs: list, shape: Sequence[Size]
+                        ) -> Optional[Affine]:
+        """c1[dim] - c2[dim] + k for expr = P[at(c1)] - P[at(c2)] + k with (L, c1, c2) one of the
+        same-segment pairs and L the labels of P; None if no pair proves it."""
+        if not expr.base.is_constant or len(expr.terms) != 2:
+            return None
+        plus = [r for c, r in expr.terms if same_size(c, 1)]
+        minus = [r for c, r in expr.terms if same_size(c, -1)]
+        if len(plus) != 1 or len(minus) != 1 or plus[0].node is not minus[0].node:
+            return None
+        for node, c1, c2 in pairs:
+            labels = self.segment_labels(node)
+            if labels is None or labels.positions.node is not plus[0].node:
+                continue
+            dim = labels.dim
+            if not all(_same_at((x,), (y,)) for d, (x, y) in enumerate(zip(c1, c2)) if d != dim):
+                continue  # another row (batch) of the labels: not one segment
+            at = labels.positions.at
+            if _same_at(plus[0].at, tuple(_compose(x, c1, shape) for x in at)) and \
+                    _same_at(minus[0].at, tuple(_compose(x, c2, shape) for x in at)):
+                return c1[dim].plus(c2[dim].scaled(-1)).shifted(expr.base.const)
+        return None
+
+    def _not_one(self, node: Node, dim: int) -> Optional[ReadSum]:
+        """E such that node == (E != 0) wherever the index along dim is >= 1, for node spelled
+        ne(a, b) or not(eq(a, b)); E = a - b read over that range."""
+        negated = node.target in ops.NEGATIONS
+        inner = node.args[0] if negated else node
+        if not isinstance(inner, Node):
+            return None
+        wanted = _EQ if negated else _NE
+        if inner.target not in wanted:
+            return None
+        a, b = (self._tail(x, dim, 1, ops.shape(inner)) for x in inner.args[:2])
+        difference = _sum_plus(a, b, -1)
+        return difference if isinstance(difference, ReadSum) else None
+
+    def _tail(self, operand: Any, dim: int, start: int, shape: tuple) -> Optional[Value]:
+        """The value of `operand` broadcast to `shape`, valid only where the index along `dim` is
+        >= start: it sees through a cat whose last piece holds that whole range and through
+        slices and sums along `dim`, which the value everywhere (self.value) cannot."""
+        if not isinstance(operand, Node) or ops.tensor_val(operand) is None:
+            return self._broadcast(operand, shape)
+        in_shape = ops.shape(operand)
+        offset = len(shape) - len(in_shape)
+        local = dim - offset
+        if local < 0 or is_unit(in_shape[local]):
+            return self._broadcast(operand, shape)  # constant along dim: valid everywhere
+        value = self._tail_own(operand, local, start, tuple(in_shape))
+        return _apply_map(value, _broadcast_map(in_shape, shape), in_shape, shape)
+
+    def _tail_own(self, node: Node, dim: int, start: int, shape: tuple) -> Optional[Value]:
+        target = node.target
+        if target == aten.slice.Tensor and ops.arg(node, 1, "dim", 0) % len(shape) == dim:
+            begin = ops.arg(node, 2, "start", None) or 0
+            if not isinstance(begin, int) or begin < 0 or ops.arg(node, 4, "step", 1) != 1:
+                return None
+            source = node.args[0]
+            inner = self._tail_own(source, dim, start + begin, tuple(ops.shape(source)))
+            return _apply_map(inner, _shift_map(len(shape), dim, begin), ops.shape(source), shape)
+        if target == aten.cat.default and ops.arg(node, 1, "dim", 0) % len(shape) == dim:
+            last = node.args[0][-1]
+            begin = sum(concrete(ops.shape(p)[dim]) for p in node.args[0][:-1])
+            if begin > start:
+                return None
+            inner = self._tail_own(last, dim, start - begin, tuple(ops.shape(last)))
+            return _apply_map(inner, _shift_map(len(shape), dim, -begin), ops.shape(last), shape)
+        if target in ops.ADDS or target in ops.SUBS or target in (aten.add.Scalar,
+                                                                   aten.sub.Scalar):
+            if node.kwargs.get("alpha", 1) != 1:
+                return None
+            a, b = (self._tail(x, dim, start, shape) for x in node.args[:2])
+            subtract = target in ops.SUBS or target == aten.sub.Scalar
+            return _sum_plus(a, b, -1 if subtract else 1)
+        value = self.value(node)  # valid everywhere, so on the tail too
+        return value if isinstance(value, (Affine, ReadSum)) else None
 
     def _evaluate_op(self, node: Node, value: torch.Tensor) -> Optional[Value]:
         target = node.target
@@ -165,7 +366,7 @@ class MaskAlgebra:
             return self._mul(node, shape)
         if target == aten.neg.default:
             operand = self._broadcast(node.args[0], shape)
-            return operand.scaled(-1) if isinstance(operand, Affine) else None
+            return operand.scaled(-1) if isinstance(operand, (Affine, ReadSum)) else None
         if target in _COMPARISONS:
             return self._compare(node, shape)
         if target in (aten.bitwise_and.Tensor, aten.logical_and.default):
@@ -224,8 +425,11 @@ class MaskAlgebra:
         if src_val is None or src_val.device != value.device:
             return None
         src, dst = src_val.dtype, value.dtype
-        if src == dst or (src in INT_DTYPES and dst in INT_DTYPES):
+        if src == dst or (src in INT_DTYPES and dst in INT_DTYPES
+                          and not isinstance(source, ReadSum)):
             return source
+        if src == torch.int32 and dst == torch.int64:
+            return source  # unknown values: only a cast that cannot wrap keeps them
         if src in ops.FLOAT_DTYPES and dst in ops.FLOAT_DTYPES:
             # Rounding keeps 0 at 0 and keeps a value <= HIDDEN_BIAS at or below it (HIDDEN_BIAS
             # is float16's lowest finite value, representable in every float type).
@@ -238,6 +442,10 @@ class MaskAlgebra:
         if isinstance(a, Affine) and isinstance(b, Affine) and isinstance(alpha, int) \
                 and not isinstance(alpha, bool):
             return a.plus(b.scaled(-alpha if subtract else alpha))
+        if isinstance(alpha, int) and not isinstance(alpha, bool):
+            summed = _sum_plus(a, b, -alpha if subtract else alpha)
+            if summed is not None:
+                return summed
         if not subtract and alpha == 1:
             return _add_biases(a, b)
         return None
@@ -246,8 +454,8 @@ class MaskAlgebra:
         a, b = (self._broadcast(x, shape) for x in node.args[:2])
         for one, other in ((a, b), (b, a)):
             factor = concrete(one.const) if isinstance(one, Affine) and one.is_constant else None
-            if factor is not None and isinstance(other, Affine):
-                return other.scaled(factor)
+            if factor is not None and isinstance(other, (Affine, ReadSum)):
+                return _normal(other.scaled(factor))
         if isinstance(a, Predicate) and isinstance(b, Predicate):  # bool * bool is "and"
             return a.both(b)
         return None
@@ -317,11 +525,13 @@ class MaskAlgebra:
 
     def _compare(self, node: Node, shape: tuple) -> Optional[Value]:
         a, b = (self._broadcast(x, shape) for x in node.args[:2])
-        if not (isinstance(a, Affine) and isinstance(b, Affine)):
+        diff = _sum_plus(b, a, -1)  # b - a
+        if diff is None:
             return None
         kind = _COMPARISONS[node.target]
         leaf = Leaf(node, _own_dims(shape))
-        diff = b.plus(a.scaled(-1))  # b - a
+        if isinstance(diff, ReadSum):
+            return _read_comparison(kind, diff, leaf)
         if kind in ("eq", "ne"):
             if diff.is_constant and concrete(diff.const) is not None:
                 equal = concrete(diff.const) == 0
@@ -458,7 +668,7 @@ def _arange(node: Node, value: torch.Tensor) -> Optional[Value]:
 
 def _checked_kind(result: Optional[Value], dtype: torch.dtype) -> Optional[Value]:
     """A value is only trusted for the dtype it describes."""
-    if isinstance(result, Affine) and dtype in INT_DTYPES:
+    if isinstance(result, (Affine, ReadSum)) and dtype in INT_DTYPES:
         return result
     if isinstance(result, Predicate) and dtype == torch.bool:
         return result
@@ -557,6 +767,8 @@ def _apply_map(value: Optional[Value], index_map: IndexMap, in_shape: Sequence[S
         return value
     if isinstance(value, Affine):
         return _compose(value, index_map, out_shape)
+    if isinstance(value, ReadSum):
+        return _compose_sum(value, index_map, out_shape)
     if isinstance(value, Bias):
         visible = _apply_map(value.visible, index_map, in_shape, out_shape)
         return Bias(visible, value.hidden) if visible is not None else None
@@ -567,7 +779,10 @@ def _apply_map(value: Optional[Value], index_map: IndexMap, in_shape: Sequence[S
     leaves = tuple(_map_leaf(leaf, index_map, in_shape, out_shape) for leaf in value.leaves)
     if any(leaf is None for leaf in leaves):
         return None
-    return Predicate(bounds, leaves)
+    read_bounds = tuple(ReadBound(_compose_sum(b.expr, index_map, out_shape),
+                                  _map_leaf(b.leaf, index_map, in_shape, out_shape))
+                        for b in value.read_bounds)
+    return Predicate(bounds, leaves, read_bounds=read_bounds)
 
 
 def _compose(value: Affine, index_map: IndexMap, out_shape: Sequence[Size]) -> Affine:
@@ -626,10 +841,12 @@ def negate(predicate: Optional[Predicate], leaf: Optional[Leaf]) -> Optional[Pre
         return None
     if predicate.never or predicate.always:
         return Predicate(never=not predicate.never)
-    if len(predicate.bounds) + len(predicate.leaves) != 1:
+    if predicate.parts != 1:
         return Predicate(leaves=(leaf,)) if leaf is not None else None
     if predicate.bounds:
         return Predicate((predicate.bounds[0].negated(leaf),))
+    if predicate.read_bounds:
+        return Predicate(read_bounds=(predicate.read_bounds[0].negated(leaf),))
     only = predicate.leaves[0]
     return Predicate(leaves=(leaf if leaf is not None
                              else replace(only, negated=not only.negated),))
@@ -652,3 +869,106 @@ def _add_biases(a: Optional[Value], b: Optional[Value]) -> Optional[Value]:
     if isinstance(a, Bias) and isinstance(b, Bias):
         return Bias(a.visible.both(b.visible), max(a.hidden, b.hidden))
     return None
+
+
+# --- reads of opaque integer nodes ----------------------------------------------------------
+
+_NE = {aten.ne.Tensor, aten.ne.Scalar}
+_EQ = {aten.eq.Tensor, aten.eq.Scalar}
+
+
+def _dtype(node: Any) -> Optional[torch.dtype]:
+    value = ops.tensor_val(node) if isinstance(node, Node) else None
+    return value.dtype if value is not None else None
+
+
+def _same_at(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        same_size(x.const, y.const) and len(x.coefs) == len(y.coefs)
+        and all(same_size(c, d) for c, d in zip(x.coefs, y.coefs)) for x, y in zip(a, b))
+
+
+def _normal(value: Optional[Value]) -> Optional[Value]:
+    """A ReadSum without reads is an Affine."""
+    if isinstance(value, ReadSum) and not value.terms:
+        return value.base
+    return value
+
+
+def _sum_plus(a: Optional[Value], b: Optional[Value], factor: Size) -> Optional[Value]:
+    """a + factor * b for Affines and ReadSums (an Affine when the reads cancel), else None."""
+    if not all(isinstance(x, (Affine, ReadSum)) for x in (a, b)):
+        return None
+    a, b = (x if isinstance(x, ReadSum) else ReadSum(x, ()) for x in (a, b))
+    terms = list(a.terms)
+    for coef, read in b.terms:
+        coef = coef * factor
+        for k, (have, other) in enumerate(terms):
+            if other.node is read.node and _same_at(other.at, read.at):
+                terms[k] = (have + coef, other)
+                break
+        else:
+            terms.append((coef, read))
+    terms = tuple((c, r) for c, r in terms if not same_size(c, 0))
+    return _normal(ReadSum(a.base.plus(b.base.scaled(factor)), terms))
+
+
+def _compose_sum(value: ReadSum, index_map: IndexMap, out_shape: Sequence[Size]) -> ReadSum:
+    terms = tuple((c, Read(r.node, tuple(_compose(x, index_map, out_shape) for x in r.at)))
+                  for c, r in value.terms)
+    return ReadSum(_compose(value.base, index_map, out_shape), terms)
+
+
+def _shift_map(rank: int, dim: int, amount: int) -> IndexMap:
+    """Reads the input at index + amount along dim (a slice starting at amount), else as is."""
+    return tuple(Affine(amount, _coordinate(d, rank).coefs) if d == dim else _coordinate(d, rank)
+                 for d in range(rank))
+
+
+def _read_comparison(kind: str, diff: ReadSum, leaf: Leaf) -> Optional[Predicate]:
+    """a <kind> b with diff = b - a holding reads of opaque nodes."""
+    if kind == "ne":
+        return None  # not a conjunction of bounds: the compare node stays a leaf
+    if kind == "eq":
+        return Predicate(read_bounds=(ReadBound(diff, None), ReadBound(diff.scaled(-1), None)))
+    expr = {"le": diff, "lt": diff.shifted(-1), "ge": diff.scaled(-1),
+            "gt": diff.scaled(-1).shifted(-1)}[kind]
+    return Predicate(read_bounds=(ReadBound(expr, leaf),))
+
+
+def _as_labels(not_one: ReadSum, dim: int, shape: Sequence[Size]) -> Optional[Labels]:
+    """Labels when not_one (or its negation) is P[at(i)] - P[at(i) - e] - 1, with P's
+    coordinate along one dimension pd stepping exactly with i[dim] and no other coordinate
+    depending on it (so the read at i - e_dim is the read at i minus e)."""
+    for expr in (not_one, not_one.scaled(-1)):
+        if not expr.base.is_constant or not same_size(expr.base.const, -1) \
+                or len(expr.terms) != 2:
+            continue
+        plus = [r for c, r in expr.terms if same_size(c, 1)]
+        minus = [r for c, r in expr.terms if same_size(c, -1)]
+        if len(plus) != 1 or len(minus) != 1 or plus[0].node is not minus[0].node:
+            continue
+        at, before = plus[0].at, minus[0].at
+        stepping = [d for d, x in enumerate(at) if not same_size(x.coefs[dim], 0)]
+        if len(stepping) != 1 or not same_size(at[stepping[0]].coefs[dim], 1) \
+                or is_unit(shape[dim]):
+            continue
+        expected = tuple(x.shifted(-1) if d == stepping[0] else x for d, x in enumerate(at))
+        if _same_at(before, expected):
+            return Labels(plus[0], dim)
+    return None
+
+
+def label_difference(expr: ReadSum) -> Optional[tuple[Node, tuple, tuple]]:
+    """(L, a, b) when expr is exactly L[a] - L[b] (one node read twice, no constant)."""
+    if not expr.base.is_constant or not same_size(expr.base.const, 0) or len(expr.terms) != 2:
+        return None
+    plus = [r for c, r in expr.terms if same_size(c, 1)]
+    minus = [r for c, r in expr.terms if same_size(c, -1)]
+    if len(plus) != 1 or len(minus) != 1 or plus[0].node is not minus[0].node:
+        return None
+    return plus[0].node, plus[0].at, minus[0].at
+
+
+def same_affine(a: Affine, b: Affine) -> bool:
+    return _same_at((a,), (b,))

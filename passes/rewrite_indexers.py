@@ -30,7 +30,7 @@ from . import aten_ops as ops
 from . import reasons as R
 from .axis_labels import LayoutError, concrete, size_hint
 from .find_indexers import find_indexer_sites
-from .fold_visibility import KeyBound, SiteVisibility, plan_visibility
+from .fold_visibility import KeyBound, SegmentBound, SiteVisibility, plan_visibility
 from .graph_builder import Arranger, GraphBuilder
 from .indexer_site import IndexerSite, SiteRefusal
 
@@ -292,26 +292,74 @@ def _visibility_args(builder: GraphBuilder, arrange: Arranger, site: IndexerSite
 def _key_ranges(builder: GraphBuilder, site: IndexerSite, visibility: SiteVisibility, size_of,
                 device: torch.device) -> tuple[Node, Node]:
     """int64 [B,S] key_start and key_end: the tightest of the proven bounds, clamped to [0, T].
-    Ranges are only folded for static S and T (fold_visibility.py), so the bounds are ints."""
+    Ranges are only folded for static S and T (fold_visibility.py), so the bounds are ints. A
+    KeyBound gives one row [S] for every batch, a SegmentBound rows [B,S] (or [1,S]) read off
+    the labels in the graph; maximum/minimum broadcast them together.
+    Only ops that Inductor lowers as they are (the pass runs after its decompositions, so an op
+    it only decomposes, like arange.default, clamp or flip, would fail to compile)."""
     queries = 1 if site.query is None else concrete(site.space.size(site.query))
     keys = concrete(site.keys)
-    positions = builder.call(aten.arange.default, queries, dtype=torch.int64, device=device,
-                             pin_memory=False)
+    positions = _int_range(builder, 0, queries, 1, device)
+
+    def rows_of(bound):
+        if isinstance(bound, SegmentBound):
+            return _segment_rows(builder, bound, positions, queries, device)
+        return builder.call(aten.add.Tensor,
+                            builder.call(aten.mul.Tensor, positions, bound.per_query), bound.const)
 
     def tightest(bounds, combine, default):
         result = None
         for bound in bounds or [KeyBound(default, 0)]:
-            value = builder.call(aten.add.Tensor,
-                                 builder.call(aten.mul.Tensor, positions, bound.per_query),
-                                 bound.const)
+            value = rows_of(bound)
             result = value if result is None else builder.call(combine, result, value)
-        result = builder.call(aten.clamp.default, result, 0, keys)
-        rows = builder.call(aten.expand.default, builder.call(aten.unsqueeze.default, result, 0),
+        result = builder.call(aten.clamp_max.default,
+                              builder.call(aten.clamp_min.default, result, 0), keys)
+        if len(ops.shape(result)) == 1:
+            result = builder.call(aten.unsqueeze.default, result, 0)
+        rows = builder.call(aten.expand.default, result,
                             [_size_or_one(size_of, site.batch), queries])
         return builder.call(aten.clone.default, rows, memory_format=torch.contiguous_format)
 
     return (tightest(visibility.starts, aten.maximum.default, 0),
             tightest(visibility.ends, aten.minimum.default, keys))
+
+
+def _int_range(builder: GraphBuilder, start: int, end: int, step: int,
+               device: torch.device) -> Node:
+    return builder.call(aten.arange.start_step, start, end, step, dtype=torch.int64,
+                        device=device, pin_memory=False)
+
+
+def _segment_rows(builder: GraphBuilder, bound: SegmentBound, positions: Node, length: int,
+                  device: torch.device) -> Node:
+    """int64 [R,N] from labels L [B_L,N] that never decrease along N: for each index j, the first
+    index of its run of equal labels ("start") or one past the last ("end"). A run starts at j
+    where L[j] != L[j-1] (or j == 0); the start of j's run is the largest such index <= j, a
+    running maximum (cummax, O(N)). Ends mirror it: a run ends after j where L[j] != L[j+1] (or
+    j == N-1), and j's end is the smallest such j+1 at or after j, a running minimum read from
+    the right (the reversal is an index with N-1..0)."""
+    labels = bound.labels
+    if bound.row is not None:
+        labels = builder.call(aten.slice.Tensor, labels, 0, bound.row, bound.row + 1)
+    start = bound.side == "start"
+    step = -1 if start else 1
+    # L at j-1 (or j+1), clamped inside [0, N): the edge index is a run boundary in any case.
+    neighbour = builder.call(aten.clamp_max.default, builder.call(
+        aten.clamp_min.default, builder.call(aten.add.Tensor, positions, step), 0), length - 1)
+    beside = builder.call(aten.index.Tensor, labels, [None, neighbour])
+    boundary = builder.call(aten.bitwise_or.Tensor,
+                            builder.call(aten.ne.Tensor, labels, beside),
+                            builder.call(aten.eq.Scalar, positions, 0 if start else length - 1))
+    if start:
+        marks = builder.call(aten.mul.Tensor, positions, boundary)  # j at a start, else 0
+        return builder.call(operator.getitem, builder.call(aten.cummax.default, marks, 1), 0)
+    # j + 1 after a run's last index, else N:  (j + 1 - N) * boundary + N.
+    marks = builder.call(aten.add.Tensor, builder.call(
+        aten.mul.Tensor, builder.call(aten.sub.Tensor, positions, length - 1), boundary), length)
+    reverse = _int_range(builder, length - 1, -1, -1, device)
+    backwards = builder.call(aten.index.Tensor, marks, [None, reverse])
+    running = builder.call(operator.getitem, builder.call(aten.cummin.default, backwards, 1), 0)
+    return builder.call(aten.index.Tensor, running, [None, reverse])
 
 
 def _mask(builder: GraphBuilder, arrange: Arranger, site: IndexerSite,

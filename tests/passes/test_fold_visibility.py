@@ -191,3 +191,157 @@ def test_symbolic_cache_positions_ending_at_t_fold_into_causal_under_dynamic_sha
         check_selection(indices, indexer_scores(q, k, w).masked_fill(
             ~visible_keys(queries, keys, keys - queries), float("-inf")))
     assert [r.visibility for r in misa_compile.backend.last_report().rewritten] == ["causal"]
+
+
+# --- packed sequences: transformers' labels of position_ids, folded into ragged key ranges -----
+
+PACKED = 12  # S == T, as create_causal_mask has them
+
+
+def transformers_labels(positions):
+    """find_packed_sequence_indices: a new label wherever the position does not step by 1."""
+    first = positions[:, :1] - 1
+    return (torch.diff(positions, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def sliced_labels(positions):
+    """The same labels spelled with slices, a zero first step, ~(d == 1) and a long cast (every
+    label one more: only equality of labels matters)."""
+    step = positions[:, 1:] - positions[:, :-1]
+    d = torch.cat([torch.zeros_like(positions[:, :1]), step], -1)
+    return (~(d == 1)).long().cumsum(-1)
+
+
+def same_label(labels):
+    return labels[:, :, None] == labels[:, None, :]
+
+
+def causal_positions(positions):
+    return positions[:, None, :] <= positions[:, :, None]
+
+
+def packed_indexer(visible_fn):
+    """An indexer whose mask visible_fn(positions, other) [B,S,T] builds from its inputs."""
+    def fn(q, k, w, positions, other):
+        visible = visible_fn(positions, other)
+        return indexer_scores(q, k, w).masked_fill(~visible, float("-inf")).topk(K).indices
+    return fn
+
+
+def packed_positions(*lengths_per_row):
+    """[B, sum(lengths)] positions restarting at 0 for each packed sequence."""
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths])
+                        for lengths in lengths_per_row])
+
+
+PACKINGS = {"one sequence": ((PACKED,), (PACKED,)),
+            "packed": ((5, 4, 3), (5, 4, 3)),
+            "packed differently per row": ((2, 7, 3), (1, 1, 10))}
+
+
+def rewrite_packed(visible_fn, packing, other=None):
+    """Compiles packed_indexer(visible_fn) with the rewrite and checks its selection against
+    eager: (report record, rewritten graph)."""
+    torch._dynamo.reset()
+    positions = packed_positions(*PACKINGS[packing])
+    other = positions if other is None else other
+    q, k, w, _ = tensors(PACKED, PACKED, seed=len(packing))
+    fn = packed_indexer(visible_fn)
+    indices, report, gm = compile_with_rewrite(fn, (q, k, w, positions, other), ALL_HEADS)
+    dense = indexer_scores(q, k, w).masked_fill(~visible_fn(positions, other), float("-inf"))
+    check_selection(indices, dense)
+    (record,) = report.rewritten
+    return record, gm
+
+
+@pytest.mark.parametrize("packing", sorted(PACKINGS))
+@pytest.mark.parametrize("labels", [transformers_labels, sliced_labels])
+def test_a_packed_causal_mask_becomes_segment_ranges_and_no_mask(labels, packing):
+    """L[q] == L[kv] and P[kv] <= P[q]: on one run of labels P steps with the index, so the mask
+    is the run's start (key_start) and causal (an end), with no [S,T] tensor read."""
+    def visible(positions, _):
+        return same_label(labels(positions)) & causal_positions(positions)
+
+    record, gm = rewrite_packed(visible, packing)
+    assert record.visibility == "ranges"
+    assert op_visibility(gm) == (False, True, False)
+    assert torch.ops.aten.cummax.default in [n.target for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("packing", sorted(PACKINGS))
+def test_a_packed_sliding_window_and_a_segment_alone_become_ranges(packing):
+    """A window P[q] - P[kv] < 3 on the segment, and the segment without any causal bound (its
+    key_end must then be applied)."""
+    def window(positions, _):
+        gap = positions[:, :, None] - positions[:, None, :]
+        return same_label(transformers_labels(positions)) & (gap < 3) & (gap >= 0)
+
+    def segment_only(positions, _):
+        return same_label(transformers_labels(positions))
+
+    for visible in (window, segment_only):
+        record, gm = rewrite_packed(visible, packing)
+        assert record.visibility == "ranges", visible.__name__
+        assert op_visibility(gm) == (False, True, False)
+
+
+def diff_is_not_one_but_two(positions):
+    first = positions[:, :1] - 1
+    return (torch.diff(positions, prepend=first, dim=-1) != 2).cumsum(-1)
+
+
+def cumsum_of_steps(positions):
+    """A cumsum, but of integers that may be negative or above 1: labels not proven monotone."""
+    first = positions[:, :1] - 1
+    return (torch.diff(positions, prepend=first, dim=-1) - 1).cumsum(-1)
+
+
+def other_batch_row(positions, query=True, key=True):
+    """P[b', kv] <= P[b'', q] with b' and/or b'' = B-1-b: the position bound reads another batch
+    row than the labels at the query, at the key, or both."""
+    flipped = positions[torch.arange(positions.shape[0] - 1, -1, -1)]
+    at_query = flipped if query else positions
+    at_key = flipped if key else positions
+    return at_key[:, None, :] <= at_query[:, :, None]
+
+
+def at_or_after_the_query_run(positions):
+    """L[kv] >= L[q] alone: keys of later runs pass too, where P[kv] - P[q] != kv - q."""
+    labels = transformers_labels(positions)
+    return labels[:, None, :] >= labels[:, :, None]
+
+
+def at_or_before_the_query_run(positions):
+    """L[kv] <= L[q] alone: keys of earlier runs pass too."""
+    labels = transformers_labels(positions)
+    return labels[:, None, :] <= labels[:, :, None]
+
+
+NEAR_MISSES = {
+    # labels that are not the segments of P: the causal bound on positions stays a mask
+    "diff compared to 2": lambda p, _: same_label(diff_is_not_one_but_two(p))
+    & causal_positions(p),
+    "cumsum not of 0/1": lambda p, _: same_label(cumsum_of_steps(p)) & causal_positions(p),
+    "labels of another P": lambda p, other: same_label(transformers_labels(other))
+    & causal_positions(p),
+    "another batch row": lambda p, _: same_label(transformers_labels(p)) & other_batch_row(p),
+    "another batch row at the query": lambda p, _: same_label(transformers_labels(p))
+    & other_batch_row(p, key=False),
+    "another batch row at the key": lambda p, _: same_label(transformers_labels(p))
+    & other_batch_row(p, query=False),
+    "no same-segment condition": lambda p, _: causal_positions(p),
+    "the same-segment condition's first half": lambda p, _: at_or_after_the_query_run(p)
+    & causal_positions(p),
+    "the same-segment condition's second half": lambda p, _: at_or_before_the_query_run(p)
+    & causal_positions(p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_position_bounds_not_proven_on_one_segment_stay_a_mask(name):
+    """Each near miss selects what eager selects and keeps (part of) its mask: only the bound on
+    the positions is unproven (monotone labels alone may still fold into segment ranges)."""
+    other = packed_positions((3, 3, 6), (6, 6)) if name == "labels of another P" else None
+    record, gm = rewrite_packed(NEAR_MISSES[name], "packed differently per row", other)
+    assert "mask" in record.visibility, record
+    assert op_visibility(gm)[2]

@@ -1,6 +1,7 @@
 """Whole-model compiles of the tiny transformers DSA models (DeepSeek-V3.2, GLM-MoE-DSA): the
 causal mask the model builds from its positions reaches the misa ops as causal=True; a 2-D
-padding mask stays a mask next to it; logits equal eager with all heads active."""
+padding mask stays a mask next to it; position_ids passed in (packed sequences) become ragged key
+ranges; logits and indexer selections equal eager with all heads active."""
 from __future__ import annotations
 
 import pytest
@@ -62,3 +63,82 @@ def test_default_inductor_target_reports_causal(tiny):
         compiled(input_ids)
     report = misa_compile.backend.last_report()
     assert [r.visibility for r in report.rewritten] == ["causal"] * LAYERS, str(report)
+
+
+def packed(*lengths: int) -> torch.Tensor:
+    """Positions of sequences of these lengths packed into one row, each restarting at 0."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+POSITIONS = {
+    "arange": torch.arange(SEQ).expand(BATCH, SEQ),
+    "packed": packed(10, 6).expand(BATCH, SEQ),
+    "packed differently per row": torch.stack([packed(10, 6), packed(3, 4, 9)]),
+    "packed, one row for the batch": packed(5, 11)[None],  # expanded by create_causal_mask
+}
+
+
+def indexers(model):
+    return [layer.self_attn.indexer for layer in model.model.layers]
+
+
+def visible_selection(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The selected keys as a [B,S,T] set, restricted to the visible ones (a query of a short
+    packed sequence sees fewer than index_topk keys; its other picks are arbitrary hidden keys)."""
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return torch.zeros_like(visible).scatter(-1, indices.long(), True) & visible
+
+
+@pytest.mark.parametrize("positions", sorted(POSITIONS))
+def test_position_ids_passed_in_fold_into_key_ranges_and_select_what_eager_selects(tiny,
+                                                                                   positions):
+    """create_causal_mask given position_ids (no attention mask, no cache) builds the packed-
+    sequence mask from them: same label and P[kv] <= P[q]. It reaches the ops as segment key
+    ranges, no mask; each layer's indexer picks the same visible keys as the eager indexer on the
+    inputs the compiled one saw (captured by forward hooks), and the logits equal eager."""
+    model, input_ids = tiny
+    position_ids = POSITIONS[positions]
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, k, out: seen.append((m, a, k, out)),
+                                     with_kwargs=True) for m in indexers(model)]
+    misa_compile.backend.clear_reports()
+    try:
+        compiled = torch.compile(model, backend="misa", options=options(), fullgraph=True)
+        with torch.no_grad():
+            logits = compiled(input_ids=input_ids, position_ids=position_ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    report = misa_compile.backend.last_report()
+    assert [r.visibility for r in report.rewritten] == ["ranges"] * LAYERS, str(report)
+    assert len(seen) == LAYERS
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, position_ids=position_ids).logits
+        for module, args, kwargs, selected in seen:
+            mask = args[3]
+            assert torch.equal(visible_selection(selected, mask),
+                               visible_selection(module(*args, **kwargs), mask))
+            # Not vacuous: packed positions really hide keys plain causality shows.
+            causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril().expand(BATCH, SEQ, SEQ)
+            hides = not torch.equal(visible_selection(torch.arange(SEQ).expand(BATCH, SEQ, SEQ),
+                                                      mask), causal)
+            assert hides == (positions != "arange")
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.slow
+def test_default_inductor_target_compiles_the_segment_ranges(tiny):
+    """Inductor lowers the key-range nodes the rewrite adds after its decompositions (cummax,
+    cummin, index; no op it would only decompose) and the logits equal eager."""
+    model, input_ids = tiny
+    position_ids = POSITIONS["packed differently per row"]
+    misa_compile.backend.clear_reports()
+    compiled = torch.compile(model, backend="misa", options={"active_heads": HEADS,
+                                                             "block_size": 4})
+    with torch.no_grad():
+        logits = compiled(input_ids=input_ids, position_ids=position_ids).logits
+        eager = model(input_ids=input_ids, position_ids=position_ids).logits
+    report = misa_compile.backend.last_report()
+    assert [r.visibility for r in report.rewritten] == ["ranges"] * LAYERS, str(report)
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
