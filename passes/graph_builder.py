@@ -2,7 +2,14 @@
 node.meta["val"] by running the op on the inputs' fake values under the graph's fake mode (so
 Inductor can lower it and later passes can read shapes), and inherits the provenance (stack trace,
 module stack) of the node it replaces. Also rearranges labelled tensors (axis_labels.py) into the
-canonical layouts the misa ops take."""
+canonical layouts the misa ops take.
+
+Inside Inductor the pass runs after Inductor's decompositions, on a graph Inductor then lowers op
+by op; an op it decomposes has no lowering there (torch 2.11: every `arange`, `_to_copy`,
+`masked_fill`) and would fail the compile ("both a fallback and a decomp for same op"). A builder
+made `for_inductor` therefore spells those ops as what they decompose to, and refuses (raises
+NotLowerable, so the site is left untouched and reported) any other op that Inductor on the
+installed torch could not lower."""
 from __future__ import annotations
 
 import operator
@@ -16,22 +23,34 @@ from torch.fx.node import map_arg
 from .axis_labels import Dims, LabelSpace, LayoutError
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 SizeArg = Union[int, Node]
 _PROVENANCE = ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr", "from_node")
 
 
-class GraphBuilder:
-    """Creates nodes right before `anchor`; remembers them so a failed rewrite can undo itself."""
+class NotLowerable(Exception):
+    """An op the rewrite needs has no Inductor lowering on the installed torch."""
 
-    def __init__(self, graph: Graph, anchor: Node) -> None:
+
+class GraphBuilder:
+    """Creates nodes right before `anchor`; remembers them so a failed rewrite can undo itself.
+    for_inductor: the graph is one Inductor lowers next (see the module docstring)."""
+
+    def __init__(self, graph: Graph, anchor: Node, for_inductor: bool = False) -> None:
         self.graph = graph
         self.anchor = anchor
         fakes = [n.meta.get("val") for n in graph.nodes]
         self.fake_mode = detect_fake_mode([v for v in fakes if isinstance(v, torch.Tensor)])
         self.created: list[Node] = []
+        self.for_inductor = for_inductor
 
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> Node:
+        if self.for_inductor:
+            respelled = self._lowerable(target, args, kwargs)
+            if respelled is not None:
+                return respelled
+            _require_lowering(target)
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, tuple(args), kwargs)
         self.created.append(node)
@@ -47,12 +66,40 @@ class GraphBuilder:
             node.meta["val"] = target(*fake_args, **fake_kwargs)
         return node
 
+    def _lowerable(self, target: Callable, args: tuple, kwargs: dict) -> Optional[Node]:
+        """The node for an op Inductor decomposes, spelled as its decomposition; else None."""
+        if target == aten._to_copy.default and set(kwargs) == {"dtype"}:
+            return self.call(prims.convert_element_type.default, args[0], kwargs["dtype"])
+        if target == aten.arange.start_step:
+            start, end, step = args
+            length = max(0, -((start - end) // step))  # len(range(start, end, step))
+            return self.call(prims.iota.default, length, start=start, step=step,
+                             dtype=kwargs["dtype"], device=kwargs["device"], requires_grad=False)
+        if target == aten.masked_fill.Scalar:
+            source, hide, value = args
+            like = source.meta["val"]
+            fill = self.call(aten.full.default, [], value, dtype=like.dtype, device=like.device,
+                             pin_memory=False)
+            return self.call(aten.where.self, hide, fill, source)
+        return None
+
     def undo(self) -> None:
         """Removes every node created so far. Only created nodes may use them (the rewrite moves
         the original users last), so erasing newest first leaves the graph as it was."""
         for node in reversed(self.created):
             self.graph.erase_node(node)
         self.created.clear()
+
+
+def _require_lowering(target: Callable) -> None:
+    if not isinstance(target, torch._ops.OpOverload):
+        return  # operator.getitem and the like: Inductor handles them itself
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    if target in select_decomp_table() and target not in lowerings:
+        raise NotLowerable(f"Inductor on torch {torch.__version__} decomposes {target} and has "
+                           "no lowering for it after its decompositions")
 
 
 class Arranger:

@@ -25,10 +25,13 @@ MISA_PASSES: tuple[tuple[str, GraphPass], ...] = (
 
 
 def run_misa_passes(gm: Union[GraphModule, Graph], config: MisaConfig, *,
-                    python_scalar_inputs: Collection[int] = ()) -> SiteReport:
+                    python_scalar_inputs: Collection[int] = (),
+                    for_inductor: bool = False) -> SiteReport:
     """Runs every misa pass on `gm` in order; returns their merged report.
-    python_scalar_inputs: positions of graph inputs holding a Python number as a 0-d tensor."""
-    return SiteReport.merged(graph_pass(gm, config, python_scalar_inputs=python_scalar_inputs)
+    python_scalar_inputs: positions of graph inputs holding a Python number as a 0-d tensor.
+    for_inductor: Inductor lowers `gm` next, after its decompositions already ran."""
+    return SiteReport.merged(graph_pass(gm, config, python_scalar_inputs=python_scalar_inputs,
+                                        for_inductor=for_inductor)
                              for _, graph_pass in MISA_PASSES)
 
 
@@ -64,7 +67,8 @@ class MisaInductorPass(CustomGraphPass):
 
     def __call__(self, graph: Graph) -> None:
         self.on_report(run_misa_passes(graph, self.config,
-                                       python_scalar_inputs=self.python_scalar_inputs))
+                                       python_scalar_inputs=self.python_scalar_inputs,
+                                       for_inductor=True))
         if self.then is not None:
             self.then(graph)
 

@@ -31,7 +31,7 @@ from . import reasons as R
 from .axis_labels import LayoutError, concrete, size_hint
 from .find_indexers import find_indexer_sites
 from .fold_visibility import KeyBound, SegmentBound, SiteVisibility, plan_visibility
-from .graph_builder import Arranger, GraphBuilder
+from .graph_builder import Arranger, GraphBuilder, NotLowerable
 from .indexer_site import IndexerSite, SiteRefusal
 
 aten = torch.ops.aten
@@ -40,14 +40,16 @@ OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig, *,
-                          python_scalar_inputs: Collection[int] = ()) -> SiteReport:
+                          python_scalar_inputs: Collection[int] = (),
+                          for_inductor: bool = False) -> SiteReport:
     """Finds, rewrites and reports every indexer site of `gm` (a GraphModule or its Graph, from
     Dynamo/AOT or from torch.export(...).run_decompositions()). The graph is changed in place and
     cleaned up (dead code, lint, recompile) only if a site was rewritten.
 
     python_scalar_inputs: positions of the graph inputs that carry a Python number as a 0-d
     tensor (the backend reads them off Dynamo's graph); scale factors read from them are folded
-    exactly rather than refused for their unknown sign."""
+    exactly rather than refused for their unknown sign.
+    for_inductor: Inductor lowers the graph next (graph_builder.py: what the rewrite may insert)."""
     if not isinstance(config, MisaConfig):
         raise TypeError(f"config must be a MisaConfig, got {type(config).__name__}")
     graph = gm.graph if isinstance(gm, GraphModule) else gm
@@ -58,7 +60,7 @@ def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig, *,
         if isinstance(match, SiteRefusal):
             report.add(_refused(match.name, match.reason, match.detail, match))
             continue
-        report.add(_rewrite_site(graph, match, config))
+        report.add(_rewrite_site(graph, match, config, for_inductor))
     if report.rewritten:
         graph.eliminate_dead_code()
         graph.lint()
@@ -68,7 +70,8 @@ def rewrite_indexer_sites(gm: Union[GraphModule, Graph], config: MisaConfig, *,
     return report
 
 
-def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRecord:
+def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig,
+                  for_inductor: bool = False) -> SiteRecord:
     config = config.for_site(site.name)  # the site's own settings (MisaConfig.sites), if any
     k_top = site.k_top
     k_check = k_top if isinstance(k_top, int) else size_hint(ops.val(k_top))
@@ -91,13 +94,16 @@ def _rewrite_site(graph: Graph, site: IndexerSite, config: MisaConfig) -> SiteRe
         variant = "dense"
     # Under context parallelism the sharded op takes no visibility (the site has no mask).
     visibility = SiteVisibility() if config.context_parallel else plan_visibility(site)
-    builder = GraphBuilder(graph, site.topk)
+    builder = GraphBuilder(graph, site.topk, for_inductor)
     try:
         _emit(builder, site, config, variant, visibility)
     except LayoutError as error:
         builder.undo()
         return _refused(site.name, R.UNSUPPORTED_LAYOUT, f"could not rearrange the operands: "
                         f"{error}", site)
+    except NotLowerable as error:
+        builder.undo()
+        return _refused(site.name, R.UNSUPPORTED_LAYOUT, str(error), site)
     except Exception as error:  # noqa: BLE001  (a failed rewrite must leave the site as it was)
         builder.undo()
         logger.warning("misa: rewriting %s failed (%s: %s); it is left untouched", site.name,

@@ -142,3 +142,46 @@ def test_default_inductor_target_compiles_the_segment_ranges(tiny):
     report = misa_compile.backend.last_report()
     assert [r.visibility for r in report.rewritten] == ["ranges"] * LAYERS, str(report)
     torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+
+
+# Ops torch 2.11's Inductor decomposes and cannot lower after its decompositions; the rewrite
+# runs after them, so it must never insert these there (graph_builder.py).
+DECOMPOSED_IN_TORCH_2_11 = ("aten.arange", "aten._to_copy", "aten.masked_fill")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs", ["packed positions", "padded"])
+def test_under_inductor_the_rewrite_inserts_only_ops_inductor_lowers(tiny, inputs):
+    """The graph Inductor lowers after the pass (read by a joint_custom_pre_pass that runs after
+    it): every op is one Inductor lowers on this torch, none is spelled as an op that another
+    supported torch only decomposes, and the logits equal eager."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    model, input_ids = tiny
+    kwargs = dict(input_ids=input_ids)
+    if inputs == "packed positions":
+        kwargs["position_ids"] = POSITIONS["packed differently per row"]
+    else:
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, :5] = 0
+        kwargs["attention_mask"] = attention_mask
+    seen: list = []
+    misa_compile.backend.clear_reports()
+    compiled = torch.compile(model, backend="misa", options={
+        "active_heads": HEADS, "block_size": 4,
+        "joint_custom_pre_pass": lambda graph: seen.extend(
+            n.target for n in graph.nodes if n.op == "call_function")})
+    with torch.no_grad():
+        logits = compiled(**kwargs).logits
+        eager = model(**kwargs).logits
+    report = misa_compile.backend.last_report()
+    assert len(report.rewritten) == LAYERS and not report.refused, str(report)
+    misa_ops = [t for t in seen if str(t).startswith("misa.")]
+    assert len(misa_ops) >= LAYERS, "the hook must see the rewritten graphs"
+    decomposed = select_decomp_table()
+    unlowered = {str(t) for t in seen if t in decomposed and t not in lowerings}
+    assert not unlowered, unlowered
+    spelled = {str(t) for t in seen if str(t).startswith(DECOMPOSED_IN_TORCH_2_11)}
+    assert not spelled, spelled
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
