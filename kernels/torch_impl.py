@@ -82,14 +82,16 @@ def _candidate_scores(q_rows, k32, w_rows, safe, gather_keys):
 
 
 def route_heads(q, k, w, active_heads, block_size, router, causal, key_start, key_end, mask, chunk,
-                q_scale=None, k_scale=None):
+                q_scale=None, k_scale=None, kbar=None):
+    """kbar: the pooled keys when the caller keeps them (the paged op's cache)."""
     q, k = dequantize(q, k, q_scale, k_scale)
     batch, queries, heads, _ = q.shape
     keys = k.shape[1]
     if router == "qnorm":
         scores = torch.nan_to_num(q.float().norm(dim=-1), nan=NEG_INF)
         return scores.topk(active_heads, dim=-1).indices
-    kbar = pooled_keys(k, block_size)
+    if kbar is None:
+        kbar = pooled_keys(k, block_size)
     num_blocks = kbar.shape[1]
     chosen = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
     for rows in query_chunks(queries, batch * (heads * num_blocks + keys), chunk):
@@ -204,10 +206,11 @@ def force_first_and_last_blocks(beta, blocks_visible):
 
 
 def paged_decode_topk(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
-                      scale, q_scale=None, k_scale=None):
+                      scale, q_scale=None, k_scale=None, pooled_keys=None):
     """One query per sequence against a paged key cache: the sequence's pages gathered into
     contiguous keys, then dense_topk (active_heads = 0) or route_heads + routed_topk, with keys
-    [0, seq_len) visible. Returns (values, indices) [B, min(k_top, pages * page)]."""
+    [0, seq_len) visible; the router reads `pooled_keys` (paged_pooled_keys) when given. Returns
+    (values, indices) [B, min(k_top, pages * page)]."""
     k, k_scale = gather_pages(k_cache, block_table, seq_lens, k_scale)
     key_end = seq_lens.long()[:, None]
     visibility = (False, torch.zeros_like(key_end), key_end, None, 0)
@@ -217,7 +220,7 @@ def paged_decode_topk(q, k_cache, w, block_table, seq_lens, k_top, active_heads,
         values, indices = dense_topk(q, k, w, k_top, scale, *visibility, q_scale, k_scale)
     else:
         heads = _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale,
-                                     k_scale)
+                                     k_scale, pooled_keys)
         values, indices = routed_topk(q, k, w, heads, k_top, scale, *visibility, q_scale,
                                       k_scale)
     return values[:, 0], indices[:, 0]
@@ -239,11 +242,34 @@ def gather_pages(k_cache, block_table, seq_lens, k_scale=None):
     return k, k_scale
 
 
-def _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale, k_scale):
+def paged_pooled_keys(k_cache, block_table, seq_lens, block_size, k_scale=None, pooled=None,
+                      first_token=None):
+    """fp32 [B, ceil(pages * page / block_size), D]: the mean of each block of each sequence's
+    keys [0, seq_len) (a partial last block averages its written keys; blocks past it are 0).
+    With `pooled` and `first_token` [B]: `pooled`, its blocks from first_token // block_size on
+    recomputed (the earlier blocks are the caller's promise: unchanged since `pooled`)."""
+    k, k_scale = gather_pages(k_cache, block_table, seq_lens, k_scale)
+    k = _real_values(k, k_scale)
+    batch, keys, dim = k.shape
+    num_blocks = -(-keys // block_size)
+    out = torch.zeros(batch, num_blocks, dim, dtype=torch.float32, device=k.device)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length:
+            out[b, :-(-length // block_size)] = pooled_keys(k[b:b + 1, :length], block_size)[0]
+    if pooled is None:
+        return out
+    blocks = torch.arange(num_blocks, device=k.device)
+    recomputed = blocks >= (first_token.long() // block_size)[:, None]
+    return torch.where(recomputed[..., None], out, pooled.float())
+
+
+def _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale, k_scale,
+                         kbar=None):
     """heads [B, 1, h]: route_heads on each sequence's own keys [0, seq_len), so that its last
     partial block averages only written keys (route_heads on all pages * page gathered keys
     would pool the unwritten slots past seq_len into it). A sequence without keys selects
-    nothing whatever its heads: it gets heads 0..h-1."""
+    nothing whatever its heads: it gets heads 0..h-1. kbar: cached pooled keys [B, nb, D] (its
+    first ceil(seq_len / block_size) blocks are the sequence's)."""
     batch = q.shape[0]
     heads = torch.arange(active_heads, device=q.device).expand(batch, 1, active_heads).clone()
     for b, length in enumerate(seq_lens.tolist()):
@@ -253,5 +279,7 @@ def _route_each_sequence(q, k, w, seq_lens, active_heads, block_size, q_scale, k
         heads[one] = route_heads(q[one], k[one, :length], w[one], active_heads, block_size,
                                  "score", False, None, None, None, 0,
                                  None if q_scale is None else q_scale[one],
-                                 None if k_scale is None else k_scale[one, :length])
+                                 None if k_scale is None else k_scale[one, :length],
+                                 None if kbar is None
+                                 else kbar[one, :-(-length // block_size)].float())
     return heads

@@ -207,10 +207,12 @@ def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> 
         raise ValueError(f"{op}: {name} must have layout {layout}, got shape {tuple(t.shape)}")
 
 
-def check_same_device(op: str, q: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+def check_same_device(op: str, q: torch.Tensor, reference: str = "q",
+                      **others: Optional[torch.Tensor]) -> None:
     """Also called by the fake impls: a call mixing a "meta" tensor with real ones dispatches to
-    the fake impl, which would otherwise return uninitialised tensors without any error."""
+    the fake impl, which would otherwise return uninitialised tensors without any error.
+    `reference` names `q` in the message (the op's first tensor)."""
     for name, t in others.items():
         if t is not None and t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}; all inputs "
-                             "must be on one device")
+            raise ValueError(f"{op}: {name} is on {t.device} but {reference} is on {q.device}; "
+                             "all inputs must be on one device")

@@ -39,6 +39,7 @@ from ..validation import debug_checks_enabled
 from .launch.dense_topk import dense_topk_op
 from .launch.hisa_candidates import hisa_candidates_op
 from .launch.paged_decode_topk import paged_decode_topk_op
+from .launch.paged_pooled_keys import paged_pooled_keys_op
 from .launch.rerank_topk import rerank_topk_op
 from .launch.route_heads import route_heads_op
 from .launch.routed_topk import routed_topk_op
@@ -111,9 +112,19 @@ def hisa_candidates_kernels(q: Tensor, k: Tensor, w: Tensor, block_size: int, nu
 def paged_decode_topk_kernels(q: Tensor, k_cache: Tensor, w: Tensor, block_table: Tensor,
                               seq_lens: Tensor, k_top: int, active_heads: int, block_size: int,
                               scale: float, q_scale: Optional[Tensor],
-                              k_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                              k_scale: Optional[Tensor],
+                              pooled_keys: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_heads,
-                                block_size, scale, q_scale, k_scale)
+                                block_size, scale, q_scale, k_scale, pooled_keys)
+
+
+@triton_op("misa_triton::paged_pooled_keys", mutates_args=())
+def paged_pooled_keys_kernels(k_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                              block_size: int, k_scale: Optional[Tensor],
+                              pooled: Optional[Tensor],
+                              first_token: Optional[Tensor]) -> Tensor:
+    return paged_pooled_keys_op(k_cache, block_table, seq_lens, block_size, k_scale, pooled,
+                                first_token)
 
 
 def _route_heads_arguments(a: dict) -> Optional[tuple]:
@@ -141,12 +152,15 @@ _KERNELS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
                         _same_arguments),
     "paged_decode_topk": (paged.check_paged_inputs, paged_decode_topk_kernels,
                           paged_decode_topk_op, _same_arguments),
+    "paged_pooled_keys": (paged.check_pooled_inputs, paged_pooled_keys_kernels,
+                          paged_pooled_keys_op, _same_arguments),
 }
 
 _PUBLIC_OPS = {"dense_topk": ops.dense_topk, "route_heads": ops.route_heads,
                "routed_topk": ops.routed_topk, "rerank_topk": ops.rerank_topk,
                "hisa_candidates": ops.hisa_candidates,
-               "paged_decode_topk": paged.paged_decode_topk}
+               "paged_decode_topk": paged.paged_decode_topk,
+               "paged_pooled_keys": paged.paged_pooled_keys}
 
 
 def _bind(schema, args, kwargs) -> dict:
@@ -190,7 +204,8 @@ def _decompose_into_kernels(op_name: str) -> Callable:
                for t in types):
             return NotImplemented
         bound = _bind(op._schema, args, kwargs)
-        if bound["q"].device.type != "cuda":
+        # The op's first tensor (q, or the key cache of paged_pooled_keys) gives the device.
+        if next(iter(bound.values())).device.type != "cuda":
             return mode.__torch_dispatch__(op, types, args, kwargs)
         arguments = kernel_arguments(bound)
         if arguments is None:

@@ -43,6 +43,17 @@ def hisa(q, k, w):
     return ops.rerank_topk(q, k, w, cand, K_TOP)
 
 
+def paged_routed_cached(q, k_cache, w, table, seq_lens):
+    """A serving step with the router's pooled keys kept: their update for the step's new key,
+    then decode reading them."""
+    previous = (seq_lens - 1).clamp_min(0)
+    pooled = ops.paged_pooled_keys(k_cache, table, previous, 1024)
+    pooled = ops.paged_pooled_keys(k_cache, table, seq_lens, 1024, pooled=pooled,
+                                   first_token=previous)
+    return ops.paged_decode_topk(q, k_cache, w, table, seq_lens, K_TOP, 8, 1024,
+                                 pooled_keys=pooled)
+
+
 # name -> (inputs, the call). Prefill shapes B=1, S=1024, T=8K; decode one query per sequence.
 CASES = {
     "dense_topk": (prefill_inputs, lambda q, k, w: ops.dense_topk(q, k, w, K_TOP)),
@@ -58,6 +69,7 @@ CASES = {
                           causal=False)),
     "paged_dense": (paged_inputs, lambda *a: ops.paged_decode_topk(*a, K_TOP)),
     "paged_routed": (paged_inputs, lambda *a: ops.paged_decode_topk(*a, K_TOP, 8, 1024)),
+    "paged_routed_cached": (paged_inputs, paged_routed_cached),
 }
 
 

@@ -166,3 +166,22 @@ def test_paged_pooled_keys_match_torch():
             torch.testing.assert_close(got[b, :blocks], reference.pooled_keys(kb, 1024)[0],
                                        rtol=1e-5, atol=1e-6)
         assert not got[b, blocks:].any(), f"sequence {b}: blocks past its length must be zero"
+
+
+def test_cached_pooled_keys_update_and_serve_decode():
+    """A decode step with the router's pooled keys kept: the update after one more key per
+    sequence equals a full recompute bit for bit, and decode reading them selects exactly what
+    decode pooling the keys itself selects."""
+    q, k_cache, w, table, seq_lens, _, _ = paged_site(torch.bfloat16, seed=4)
+    # Sequences of length 0 stay empty (their first_token 0 recomputes everything anyway).
+    previous = (seq_lens - 1).clamp_min(0)
+    before = ops.paged_pooled_keys(k_cache, table, previous, 1024)
+    updated = ops.paged_pooled_keys(k_cache, table, seq_lens, 1024, pooled=before,
+                                    first_token=previous)
+    assert torch.equal(updated, ops.paged_pooled_keys(k_cache, table, seq_lens, 1024))
+    values, indices = ops.paged_decode_topk(q, k_cache, w, table, seq_lens, K_TOP, 8, 1024,
+                                            pooled_keys=updated)
+    want_values, want_indices = ops.paged_decode_topk(q, k_cache, w, table, seq_lens, K_TOP, 8,
+                                                      1024)
+    assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
+    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values)

@@ -373,3 +373,187 @@ def test_triton_paged_pooled_keys_respect_each_length():
             start, end = block * 32, min(block * 32 + 32, length)
             want = k[b, start:end].mean(0) if end > start else torch.zeros(k.shape[-1])
             torch.testing.assert_close(got[b, block], want.float(), rtol=1e-6, atol=1e-6)
+
+
+# --- the router's pooled keys kept between steps (misa::paged_pooled_keys) -----------------------
+
+def grown(k_cache, table, seq_lens, new_tokens, seed):
+    """The cache after `new_tokens` more keys per sequence (as a serving step writes them into
+    the slots after each sequence's end; every sequence owns pages enough): (k_cache, seq_lens)."""
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = k_cache.clone()
+    page = k_cache.shape[1]
+    lengths = seq_lens + new_tokens
+    for b, (old, new) in enumerate(zip(seq_lens.tolist(), lengths.tolist())):
+        for n in range(old, new):
+            k_cache[int(table[b, n // page]), n % page] = torch.randn(k_cache.shape[2],
+                                                                      generator=gen)
+    return k_cache, lengths
+
+
+def owned_table(seq_lens, pages=6, page=16, spare=3, seed=0):
+    """A table where every sequence owns all its `pages` (a step may grow into them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(seq_lens) * pages + spare, generator=gen)[:len(seq_lens) * pages
+                                                                       ].view(-1, pages).int()
+
+
+def pooled_site(seed=0, lengths=(70, 0, 33, 17)):
+    q, k_cache, w, _, _ = paged_site(lengths, seed=seed)
+    seq_lens = torch.tensor(lengths)
+    return q, k_cache, w, owned_table(seq_lens, seed=seed), seq_lens
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pooled_keys_are_each_sequences_block_means(scaled):
+    q, k_cache, w, table, seq_lens = pooled_site()
+    k_scale = torch.rand(k_cache.shape[:2]) + 0.5 if scaled else None
+    got = ops.paged_pooled_keys(k_cache, table, seq_lens, 32, k_scale)
+    k = gathered(k_cache, table, seq_lens, k_scale)
+    assert got.shape == (4, 3, 16) and got.dtype == torch.float32
+    for b, length in enumerate(seq_lens.tolist()):
+        for block in range(3):
+            start, end = block * 32, min(block * 32 + 32, length)
+            want = k[b, start:end].mean(0) if end > start else torch.zeros(k.shape[-1])
+            torch.testing.assert_close(got[b, block], want.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("new_tokens", [(1, 1, 1, 1), (5, 40, 0, 31)])
+def test_pooled_update_equals_a_full_recompute(new_tokens):
+    """One decode step (1 token each) and a ragged prefill chunk (crossing blocks, a sequence
+    starting from 0 keys, one unchanged)."""
+    _, k_cache, _, table, seq_lens = pooled_site(seed=1)
+    before = ops.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    k_cache, lengths = grown(k_cache, table, seq_lens, torch.tensor(new_tokens), seed=2)
+    updated = ops.paged_pooled_keys(k_cache, table, lengths, 32, pooled=before,
+                                    first_token=seq_lens)
+    assert torch.equal(updated, ops.paged_pooled_keys(k_cache, table, lengths, 32))
+    assert not torch.equal(updated, before), "the step must change some block"
+
+
+def test_pooled_update_keeps_the_blocks_before_the_first_new_token():
+    """The caller's promise is taken as given: a key changed before first_token // block_size
+    does not reach the cached means (so the update reads only the new blocks' keys)."""
+    _, k_cache, _, table, seq_lens = pooled_site(seed=3)
+    before = ops.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    changed = k_cache.clone()
+    changed[int(table[0, 0]), 0] += 10.0  # key 0 of sequence 0, block 0
+    updated = ops.paged_pooled_keys(changed, table, seq_lens, 32, pooled=before,
+                                    first_token=torch.tensor([32, 0, 0, 0]))
+    assert torch.equal(updated[0, 0], before[0, 0])
+    assert torch.equal(updated[0, 1:], before[0, 1:])
+
+
+@pytest.mark.parametrize("active_heads", [2, 8])
+def test_decode_with_cached_pooled_keys_equals_decode_without(active_heads):
+    q, k_cache, w, table, seq_lens = pooled_site(seed=4)
+    pooled = ops.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    args = (q, k_cache, w, table, seq_lens, 10, active_heads, 32, 0.5)
+    values, indices = ops.paged_decode_topk(*args, pooled_keys=pooled)
+    want_values, want_indices = ops.paged_decode_topk(*args)
+    assert torch.equal(values, want_values)
+    assert finite_sets(values, indices) == finite_sets(want_values, want_indices)
+
+
+def _bad_pooled_calls():
+    q, k_cache, w, table, seq_lens = pooled_site(seed=5)
+    pooled = ops.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    ok = dict(k_cache=k_cache, block_table=table, seq_lens=seq_lens, block_size=32,
+              pooled=pooled, first_token=seq_lens)
+    return {
+        "pooled alone": (dict(first_token=None), ValueError,
+                         "pooled and first_token come together"),
+        "pooled shape": (dict(pooled=pooled[:, :2]), ValueError,
+                         "pooled has shape (4, 2, 16), expected [4, 3, 16]"),
+        "pooled dtype": (dict(pooled=pooled.double()), TypeError,
+                         "pooled has dtype torch.float64; allowed: torch.float32"),
+        "first_token shape": (dict(first_token=seq_lens[:2]), ValueError,
+                              "first_token has shape (2,), expected [4]"),
+        "first_token dtype": (dict(first_token=seq_lens.float()), TypeError,
+                              "first_token has dtype torch.float32"),
+        "first_token range": (dict(first_token=torch.tensor([0, 0, 97, 0])), ValueError,
+                              "first_token[2] = 97; allowed range is [0, pages * page] = [0, 96]"),
+        "block size": (dict(block_size=24), ValueError, "block_size=24"),
+        "seq_len too long": (dict(seq_lens=torch.tensor([97, 0, 0, 0])), ValueError,
+                             "seq_lens[0] = 97"),
+        "device": (dict(first_token=seq_lens.to("meta")), ValueError,
+                   "first_token is on meta but k_cache is on cpu"),
+    }, ok
+
+
+BAD_POOLED_CALLS, VALID_POOLED_CALL = _bad_pooled_calls()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_POOLED_CALLS))
+def test_bad_pooled_inputs_are_refused_with_a_clear_error(case):
+    overrides, error, message = BAD_POOLED_CALLS[case]
+    with pytest.raises(error, match=re.escape("misa.paged_pooled_keys: ") + ".*"
+                       + re.escape(message)):
+        ops.paged_pooled_keys(**{**VALID_POOLED_CALL, **overrides})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(active_heads=0), "pooled_keys is given but active_heads=0"),
+    (dict(block_size=16), "pooled_keys has shape (4, 3, 16), expected [4, 6, 16]"),
+])
+def test_decode_refuses_pooled_keys_that_cannot_serve_it(overrides, message):
+    q, k_cache, w, table, seq_lens = pooled_site(seed=6)
+    pooled = ops.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    call = dict(q=q, k_cache=k_cache, w=w, block_table=table, seq_lens=seq_lens, k_top=4,
+                active_heads=2, block_size=32, pooled_keys=pooled)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ops.paged_decode_topk(**{**call, **overrides})
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_pooled_keys_opcheck(update):
+    _, k_cache, _, table, seq_lens = pooled_site(seed=7)
+    kwargs = dict(block_size=32, k_scale=torch.rand(k_cache.shape[:2]) + 0.5)
+    if update:
+        kwargs.update(pooled=ops.paged_pooled_keys(k_cache, table, seq_lens, 32),
+                      first_token=seq_lens // 2)
+    results = torch.library.opcheck(ops.paged_pooled_keys, (k_cache, table, seq_lens), kwargs,
+                                    test_utils=OPCHECK_UTILS)
+    assert results == {name: "SUCCESS" for name in OPCHECK_UTILS}
+
+
+@triton_only
+@pytest.mark.parametrize("new_tokens", [(1, 1, 1, 1), (5, 40, 0, 31)])
+def test_triton_pooled_update_is_a_full_recompute_bit_for_bit(new_tokens):
+    _, k_cache, _, table, seq_lens = pooled_site(seed=8)
+    run = cuda_ops.CUDA_IMPLEMENTATIONS["paged_pooled_keys"]
+    before = run(k_cache, table, seq_lens, 32, None, None, None)
+    torch.testing.assert_close(before, torch_impl.paged_pooled_keys(k_cache, table, seq_lens, 32),
+                               rtol=1e-6, atol=1e-6)
+    k_cache, lengths = grown(k_cache, table, seq_lens, torch.tensor(new_tokens), seed=9)
+    updated = run(k_cache, table, lengths, 32, None, before, seq_lens)
+    assert torch.equal(updated, run(k_cache, table, lengths, 32, None, None, None))
+
+
+@triton_only
+def test_triton_decode_with_cached_pooled_keys_equals_decode_without():
+    q, k_cache, w, table, seq_lens = pooled_site(seed=10)
+    pooled = cuda_ops.CUDA_IMPLEMENTATIONS["paged_pooled_keys"](k_cache, table, seq_lens, 32,
+                                                                None, None, None)
+    decode = cuda_ops.CUDA_IMPLEMENTATIONS["paged_decode_topk"]
+    args = (q, k_cache, w, table, seq_lens, 10, 3, 32, 0.5, None, None)
+    values, indices = decode(*args, pooled)
+    want_values, want_indices = decode(*args, None)
+    assert torch.equal(values, want_values)
+    assert finite_sets(values, indices) == finite_sets(want_values, want_indices)
+
+
+@triton_only
+def test_triton_pooled_keys_poison_a_sequence_with_a_bad_length_or_page():
+    """No host check on CUDA outside debug mode: the launcher clamps on the device and the
+    faulty sequences' blocks are NaN, the others those of the torch implementation."""
+    from misa_compile.kernels.triton.launch.paged_pooled_keys import paged_pooled_keys_op
+
+    _, k_cache, _, table, seq_lens = pooled_site(seed=11)
+    bad_lens, bad_table = seq_lens.clone(), table.clone()
+    bad_lens[1] = 200          # past pages * page = 96
+    bad_table[2, 0] = 10 ** 6  # a used page of sequence 2 outside the cache
+    got = paged_pooled_keys_op(k_cache, bad_table, bad_lens, 32)
+    assert got[1].isnan().all() and got[2].isnan().all()
+    want = torch_impl.paged_pooled_keys(k_cache, table, seq_lens, 32)
+    torch.testing.assert_close(got[[0, 3]], want[[0, 3]], rtol=1e-6, atol=1e-6)

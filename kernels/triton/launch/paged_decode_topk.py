@@ -18,9 +18,12 @@ from .scored_topk import gather_routed
 def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, k_top: int,
                       active_heads: int, block_size: int, scale: float,
-                      k_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      k_scale: Optional[torch.Tensor] = None,
+                      pooled_keys: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values fp32, indices int64) [B, min(k_top, pages * page)]; q [B, H, D], w [B, H] (a
-    per-query scale already folded in), k_cache [P, page, D], k_scale [P, page]. Unordered."""
+    per-query scale already folded in), k_cache [P, page, D], k_scale [P, page]. Unordered.
+    pooled_keys: the router's cached block means (paged_pooled_keys), so it reads no key."""
     batch = q.shape[0]
     T = block_table.shape[1] * k_cache.shape[1]
     # The kernels read the table rows and the lengths with unit strides, and the key ranges
@@ -32,7 +35,7 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
     if active_heads:
         heads = route_heads(q, k_cache, w, active_heads, block_size, **vis, k_scale=k_scale,
-                            block_table=block_table, seq_lens=seq_lens)
+                            block_table=block_table, seq_lens=seq_lens, kbar=pooled_keys)
         q, w = gather_routed(q, w, heads)
     scores = torch.empty(batch, 1, T, dtype=torch.float32, device=q.device)
     query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
@@ -45,23 +48,31 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
 
 
 def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
-                         scale, q_scale=None, k_scale=None):
+                         scale, q_scale=None, k_scale=None, pooled_keys=None):
     """The op (inputs validated by the caller). Lengths outside [0, pages * page] and page ids
     of used pages outside [0, P) are clamped before any kernel reads them, and their sequence's
     row is poisoned (values NaN, indices -1), as is a row with a bad scale."""
+    block_table, lengths, faults = checked_paging(k_cache, block_table, seq_lens, k_scale)
+    faults = either(faults, scale_faults(q_scale, None))
+    values, indices = paged_decode_topk(
+        q, k_cache, fold_query_scale(w, q_scale), block_table, lengths, k_top, active_heads,
+        block_size, scale, k_scale=k_scale, pooled_keys=pooled_keys)
+    return poison_selection(values, indices, faults)
+
+
+def checked_paging(k_cache, block_table, seq_lens, k_scale=None):
+    """(block_table, seq_lens, faults [B]) with lengths clamped into [0, pages * page] and the
+    page ids of used pages into [0, P), on the device: faults marks the sequences whose length
+    or used pages were out of range, or whose used pages hold a k_scale [P, page] entry that is
+    not finite and > 0."""
     num_pages, page = k_cache.shape[:2]
     pages = block_table.shape[1]
     bad_len = (seq_lens < 0) | (seq_lens > pages * page)
     used = torch.arange(pages, device=block_table.device) * page < seq_lens[:, None]
     bad_page = (used & ((block_table < 0) | (block_table >= num_pages))).any(-1)
     block_table = block_table.clamp(0, num_pages - 1)
-    # q_scale [B, H]: a bad entry poisons its sequence. k_scale is per page slot [P, page]: a bad
-    # entry poisons the sequences whose used pages hold it.
-    faults = either(bad_len | bad_page, scale_faults(q_scale, None))
+    faults = bad_len | bad_page
     page_faults = scale_faults(None, k_scale)
     if page_faults is not None:
         faults = faults | (used & page_faults[:, 0][block_table.long()]).any(-1)
-    values, indices = paged_decode_topk(
-        q, k_cache, fold_query_scale(w, q_scale), block_table, seq_lens.clamp(0, pages * page),
-        k_top, active_heads, block_size, scale, k_scale=k_scale)
-    return poison_selection(values, indices, faults)
+    return block_table, seq_lens.clamp(0, pages * page), faults

@@ -17,16 +17,19 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
                 key_end: Optional[torch.Tensor], k_scale: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
                 seq_lens: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None,
+                kbar: Optional[torch.Tensor] = None) -> torch.Tensor:
     """int64 [B, S, active_heads]: each query's routed heads (router = "score"). k_scale [B, T]
     dequantizes FP8 keys; a per-query scale is the caller's to fold into w (the router uses
     |w| and sums ReLU terms, both homogeneous in a positive factor). With block_table and
     seq_lens, k is a paged cache (see pooled_keys) and key_end [B, S] ends at seq_lens. `mask`
     (bool or additive, broadcastable to [B, S, T]) is read once, by block_visibility: a block
     counts for a query when any of its keys is visible to it (the mask's values do not enter
-    the router score)."""
+    the router score). kbar: the pooled keys [B, ceil(T / block_size), D] fp32 when the caller
+    keeps them (the paged op's cache), so the router reads no key."""
     batch, queries, num_heads, _ = q.shape
-    kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
+    if kbar is None:
+        kbar = pooled_keys(k, block_size, k_scale, block_table, seq_lens)
     T = k.shape[1] if block_table is None else block_table.shape[1] * k.shape[1]
     assert mask is None or block_table is None, "the paged op has no mask"
     blocks_seen = (None if mask is None else

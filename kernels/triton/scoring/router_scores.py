@@ -29,12 +29,17 @@ ROUTER_PROGRAMS = 264
 
 
 @triton.jit
-def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, out_ptr, T, block, stride_kb,
-                       stride_kt, stride_kd, stride_sb, stride_st, stride_tb, stride_ob, stride_on,
-                       D, HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, first_ptr, out_ptr, T, block,
+                       stride_kb, stride_kt, stride_kd, stride_sb, stride_st, stride_tb,
+                       stride_ob, stride_on, D, HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr,
+                       PAGE: tl.constexpr, UPDATE: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
+    if UPDATE:
+        # Blocks wholly before the sequence's first new token keep the cached mean.
+        if blk < tl.load(first_ptr + b).to(tl.int32) // block:
+            return
     start = blk * block
     n_keys = T
     if PAGED:
@@ -61,26 +66,33 @@ def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, out_ptr, T, block,
 
 def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
-                seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                seq_lens: Optional[torch.Tensor] = None,
+                cached: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """k [B, T, D] (times k_scale [B, T] fp32 per key when given) -> fp32 [B, ceil(T/block), D].
     With block_table [B, pages] (unit column stride) and seq_lens [B]: k is a paged cache
     [P, page, D] (k_scale [P, page]), T = pages * page, and each sequence pools its keys
     [0, seq_len) only (its last partial block averages its valid keys; blocks past it are
-    zero)."""
+    zero). cached = (pooled [B, n_blocks, D] fp32, first_token [B]), paged only: the result is
+    `pooled` with the blocks from first_token // block on recomputed (the same program computes
+    every block, so the result is bit for bit a full recompute where `pooled` was one)."""
     paged = block_table is not None
     page = k.shape[1] if paged else 1
     batch, T = (block_table.shape[0], block_table.shape[1] * page) if paged else k.shape[:2]
     dim = k.shape[2]
     n_blocks = triton.cdiv(T, block)
-    out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
+    if cached is None:
+        out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
+    else:
+        out = cached[0].clone(memory_format=torch.contiguous_format)
     block_t = 16 if INTERPRET else 64
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     wrap_triton(pooled_keys_kernel)[(n_blocks, batch)](
         k, k_scale if k_scale is not None else k, block_table if paged else k,
-        seq_lens.contiguous() if paged else k, out, T, block, *k.stride(), *sstr,
+        seq_lens.contiguous() if paged else k,
+        cached[1].contiguous() if cached is not None else k, out, T, block, *k.stride(), *sstr,
         block_table.stride(0) if paged else 0, out.stride(0), out.stride(1), dim,
-        HAS_KSCALE=k_scale is not None, PAGED=paged, PAGE=page, BLOCK_T=block_t,
-        BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
+        HAS_KSCALE=k_scale is not None, PAGED=paged, PAGE=page, UPDATE=cached is not None,
+        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
     return out
 
 
