@@ -19,7 +19,7 @@ misa h=8.
 
     python bench/bench_model.py [--lengths 4096,8192,16384,32768,65536] [--glm-lengths 32768]
         [--model-lengths 8192] [--variants dense,misa,misa_hier] [--baselines eager,inductor]
-        [--budget-s SECONDS] [--out docs/results/bench_model.json]
+        [--budget-s SECONDS] [--emulate-precision-casts] [--out docs/results/bench_model.json]
     python bench/bench_model.py --smoke --out /tmp/bench_model.json   # tiny sizes, CPU or CUDA
 
 Columns: ms (median after warm-up: CUDA events / triton.testing.do_bench; wall clock on CPU);
@@ -682,6 +682,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no row after this many seconds; the rest are reported as "
                              "skipped, so a run under a time limit still prints its table")
+    parser.add_argument("--emulate-precision-casts", action="store_true",
+                        help="every Inductor compile rounds as eager does (Inductor's "
+                             "emulate_precision_casts), so that the dense rows' selection can "
+                             "equal eager's and Inductor's exactly; off, Inductor's fp32 prologue "
+                             "moves q and k a little and with them the selection")
     parser.add_argument("--out", default="docs/results/bench_model.json")
     args = parser.parse_args(argv)
     defaults = (("64", "64", "64") if args.smoke else
@@ -709,11 +714,13 @@ def main(argv=None) -> dict:
     if args.smoke:
         # Tiny graphs: a pool of compile workers costs more to start than it saves.
         torch._inductor.config.compile_threads = 1
+    torch._inductor.config.emulate_precision_casts = args.emulate_precision_casts
     result = dict(card=card_name(settings.device), versions=versions(),
                   settings=dict(device=str(settings.device), dtype=str(settings.dtype),
                                 smoke=settings.smoke, active_heads=settings.active_heads,
                                 block_size=settings.block_size, candidates=settings.candidates,
-                                seed=settings.seed),
+                                seed=settings.seed,
+                                emulate_precision_casts=args.emulate_precision_casts),
                   families={}, rows=[], model_rows=[], model_shrunk=None, elapsed_s=0.0)
     print(f"card: {result['card']}; {json.dumps(result['versions'])}", flush=True)
     out = Path(args.out)
