@@ -147,10 +147,21 @@ def package_aoti(program: Union[MisaExport, ExportedProgram], path: PathLike, *,
             "below)") from error
 
 
+def _kernels_cover(op: torch._ops.OpOverload, node: torch.fx.Node) -> bool:
+    """Whether the Triton kernels take this CUDA call (kernels/coverage.py, the table the
+    FunctionalTensorMode rule decides by): a call they do not cover stays opaque under the rule."""
+    from .kernels.coverage import cuda_fallback_reason
+
+    names = [argument.name for argument in op._schema.arguments]
+    bound = dict(zip(names, node.args), **node.kwargs)
+    return cuda_fallback_reason(op._opname, bound.get("router", "score")) is None
+
+
 def _opaque_misa_ops(program: ExportedProgram) -> list[torch._ops.OpOverload]:
     """The misa ops the program calls that Inductor would leave as calls into Python: all of
     them on CPU; on CUDA those without a FunctionalTensorMode rule (the rule that lets Inductor
-    trace a torch.library.triton_op into its Triton kernels). PackageError when such an op has a
+    trace a torch.library.triton_op into its Triton kernels), or called with arguments the
+    kernels do not cover (the rule then keeps the op as it is). PackageError when such an op has a
     symbolic size: its torch implementation would be traced at the example's sizes and the
     package would silently compute those sizes for any input."""
     from torch._library.simple_registry import find_torch_dispatch_rule
@@ -166,7 +177,8 @@ def _opaque_misa_ops(program: ExportedProgram) -> list[torch._ops.OpOverload]:
                    if isinstance(value, torch.fx.Node)
                    and isinstance(value.meta.get("val"), torch.Tensor)]
         on_cuda = any(t.device.type == "cuda" for t in tensors)
-        if on_cuda and find_torch_dispatch_rule(op, FunctionalTensorMode) is not None:
+        if on_cuda and find_torch_dispatch_rule(op, FunctionalTensorMode) is not None \
+                and _kernels_cover(op, node):
             continue
         symbolic = [t for t in tensors if not all(isinstance(size, int) for size in t.shape)]
         if symbolic:

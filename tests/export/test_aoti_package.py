@@ -116,3 +116,33 @@ def test_export_command_with_aoti_and_dynamic_exits_1_saying_why(tmp_path, capsy
 def test_package_aoti_takes_a_program_only():
     with pytest.raises(TypeError, match="must be a MisaExport or an ExportedProgram, got Linear"):
         misa_compile.package_aoti(torch.nn.Linear(2, 2), "never_written.pt2")
+
+
+@pytest.mark.parametrize("router,opaque", [("score", False), ("qnorm", True)])
+def test_a_cuda_call_the_kernels_do_not_cover_is_packaged_as_its_torch_implementation(
+        router, opaque):
+    """On CUDA a misa op with a FunctionalTensorMode rule traces into its Triton kernels only for
+    the calls they cover; the rule keeps any other call (here the qnorm router) as the opaque op,
+    which a package could not run, so package_aoti must replace it like a CPU op. Checked on a
+    graph whose values are fake CUDA tensors (no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from misa_compile.export import _opaque_misa_ops
+    from misa_compile.kernels.triton import register  # noqa: F401  (the FunctionalTensorMode rules)
+
+    graph = torch.fx.Graph()
+    with FakeTensorMode():
+        fakes = dict(q=torch.empty(1, 16, 4, 8, device="cuda"),
+                     k=torch.empty(1, 16, 8, device="cuda"),
+                     w=torch.empty(1, 16, 4, device="cuda"))
+        inputs = []
+        for name, fake in fakes.items():
+            node = graph.placeholder(name)
+            node.meta["val"] = fake
+            inputs.append(node)
+        heads = graph.call_function(torch.ops.misa.route_heads.default, (*inputs, 2, 4),
+                                    {"router": router})
+        heads.meta["val"] = torch.empty(1, 16, 2, dtype=torch.int64, device="cuda")
+    graph.output(heads)
+    found = _opaque_misa_ops(torch.fx.GraphModule(torch.nn.Module(), graph))
+    assert found == ([torch.ops.misa.route_heads.default] if opaque else [])
