@@ -1,7 +1,9 @@
 """Key addressing shared by the kernels that read keys either from a contiguous [B, T, ...] tensor
 or from a paged cache [P, PAGE, ...] (vLLM/SGLang layout): position n of sequence b lives in
 page block_table[b, n // PAGE], slot n % PAGE. Both layouts are addressed as
-outer * stride_outer + inner * stride_inner, so a kernel keeps one load for either."""
+outer * stride_outer + inner * stride_inner, so a kernel keeps one load for either. Also the
+device-side check of a block table and its lengths (one program per sequence), which the paged
+ops run instead of host checks."""
 from __future__ import annotations
 
 import triton
@@ -21,3 +23,28 @@ def key_location(b, keys, mask, table_ptr, stride_tb, PAGED: tl.constexpr, PAGE:
         outer = b.to(tl.int64)
         inner = keys
     return outer, inner
+
+
+@triton.jit
+def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_ptr, pages,
+                          num_pages, stride_tb, stride_ob, PAGE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Sequence b's length clamped into [0, pages * PAGE] and the page ids of its used pages
+    clamped into [0, num_pages) (the rest copied as they are), with fault[b] set when either was
+    out of range."""
+    b = tl.program_id(0)
+    length = tl.load(len_ptr + b).to(tl.int64)
+    capacity = pages * PAGE  # (no .to() on an int argument: Triton may pass a 1 as a constexpr)
+    bad = (length < 0) | (length > capacity)
+    n = tl.arange(0, BLOCK)
+    for p0 in range(0, pages, BLOCK):
+        column = p0 + n
+        inside = column < pages
+        entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=inside, other=0)
+        used = inside & (column.to(tl.int64) * PAGE < length)
+        wrong = used & ((entry < 0) | (entry >= num_pages))
+        bad = bad | (tl.max(wrong.to(tl.int32), axis=0) > 0)
+        clamped = tl.minimum(tl.maximum(entry, 0), num_pages - 1)
+        tl.store(table_out_ptr + b.to(tl.int64) * stride_ob + column, clamped, mask=inside)
+    tl.store(len_out_ptr + b, tl.minimum(tl.maximum(length, 0), capacity))
+    tl.store(fault_ptr + b, bad.to(tl.int8))

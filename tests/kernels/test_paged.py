@@ -557,3 +557,27 @@ def test_triton_pooled_keys_poison_a_sequence_with_a_bad_length_or_page():
     assert got[1].isnan().all() and got[2].isnan().all()
     want = torch_impl.paged_pooled_keys(k_cache, table, seq_lens, 32)
     torch.testing.assert_close(got[[0, 3]], want[[0, 3]], rtol=1e-6, atol=1e-6)
+
+
+@triton_only
+@pytest.mark.parametrize("pages,dtype", [(1, torch.int32), (6, torch.int64), (13, torch.int32)])
+def test_triton_checked_paging_matches_its_definition(pages, dtype):
+    """One launch: lengths clamped into [0, pages * page], every page id into [0, P), and the
+    fault of each sequence whose length or used pages were out of range (unused entries may hold
+    anything)."""
+    from misa_compile.kernels.triton.launch.paged_decode_topk import checked_paging
+
+    gen = torch.Generator().manual_seed(pages)
+    batch, page, num_pages = 9, 16, 20
+    k_cache = torch.zeros(num_pages, page, 4)
+    table = torch.randint(-3, num_pages + 3, (batch, pages), generator=gen).to(dtype)
+    seq_lens = torch.randint(-2, pages * page + 3, (batch,), generator=gen).to(dtype)
+    got_table, got_lens, got_faults = checked_paging(k_cache, table, seq_lens)
+    used = torch.arange(pages) * page < seq_lens[:, None]
+    bad_page = (used & ((table < 0) | (table >= num_pages))).any(-1)
+    bad_len = (seq_lens < 0) | (seq_lens > pages * page)
+    assert torch.equal(got_faults, bad_page | bad_len)
+    assert got_faults.any() and not got_faults.all(), "the case must have both kinds of rows"
+    assert torch.equal(got_table, table.clamp(0, num_pages - 1))
+    assert torch.equal(got_lens, seq_lens.clamp(0, pages * page))
+    assert got_table.dtype == dtype and got_lens.dtype == dtype

@@ -7,7 +7,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 
+from ..common import INTERPRET, next_pow2
+from ..paging import checked_paging_kernel
 from ..scoring.query_scores import query_scores
 from .route_heads import route_heads
 from ..selection.row_topk import topk_rows
@@ -62,17 +65,22 @@ def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_hea
 
 def checked_paging(k_cache, block_table, seq_lens, k_scale=None):
     """(block_table, seq_lens, faults [B]) with lengths clamped into [0, pages * page] and the
-    page ids of used pages into [0, P), on the device: faults marks the sequences whose length
-    or used pages were out of range, or whose used pages hold a k_scale [P, page] entry that is
-    not finite and > 0."""
+    page ids clamped into [0, P), on the device in one launch (paging.checked_paging_kernel):
+    faults marks the sequences whose length or used pages were out of range, or whose used pages
+    hold a k_scale [P, page] entry that is not finite and > 0."""
     num_pages, page = k_cache.shape[:2]
-    pages = block_table.shape[1]
-    bad_len = (seq_lens < 0) | (seq_lens > pages * page)
-    used = torch.arange(pages, device=block_table.device) * page < seq_lens[:, None]
-    bad_page = (used & ((block_table < 0) | (block_table >= num_pages))).any(-1)
-    block_table = block_table.clamp(0, num_pages - 1)
-    faults = bad_len | bad_page
+    batch, pages = block_table.shape
+    block_table = block_table.contiguous()  # the kernel reads a row with unit stride
+    table = torch.empty(batch, pages, dtype=block_table.dtype, device=block_table.device)
+    lengths = torch.empty(batch, dtype=seq_lens.dtype, device=seq_lens.device)
+    faults = torch.empty(batch, dtype=torch.int8, device=seq_lens.device)
+    wrap_triton(checked_paging_kernel)[(batch,)](
+        block_table, seq_lens, table, lengths, faults, pages, num_pages, block_table.stride(0),
+        table.stride(0), PAGE=page, BLOCK=min(1024, next_pow2(pages)),
+        num_warps=1 if INTERPRET else 4)
+    faults = faults.bool()
     page_faults = scale_faults(None, k_scale)
     if page_faults is not None:
-        faults = faults | (used & page_faults[:, 0][block_table.long()]).any(-1)
-    return block_table, seq_lens.clamp(0, pages * page), faults
+        used = torch.arange(pages, device=table.device) * page < lengths[:, None]
+        faults = faults | (used & page_faults[:, 0][table.long()]).any(-1)
+    return table, lengths, faults
