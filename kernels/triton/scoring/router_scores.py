@@ -36,16 +36,18 @@ def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, first_ptr, out_ptr
                        BLOCK_D: tl.constexpr):
     blk = tl.program_id(0)
     b = tl.program_id(1)
-    if UPDATE:
-        # Blocks wholly before the sequence's first new token keep the cached mean.
-        if blk < tl.load(first_ptr + b).to(tl.int32) // block:
-            return
     start = blk * block
     n_keys = T
     if PAGED:
         # Each sequence has its own length: blocks past it pool nothing (they are not visible).
         n_keys = tl.load(len_ptr + b).to(tl.int32)
     end = tl.minimum(start + block, n_keys)
+    keep = blk < 0  # False: the block is (re)computed
+    if UPDATE:
+        # Blocks wholly before the sequence's first new token keep the cached mean: no key is
+        # read (an empty key range) and nothing is written.
+        keep = blk < tl.load(first_ptr + b).to(tl.int32) // block
+        end = tl.where(keep, start, end)
     d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_T):
@@ -61,7 +63,7 @@ def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, first_ptr, out_ptr
         acc += tl.sum(x, axis=0)
     mean = acc / tl.maximum(end - start, 1).to(tl.float32)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + blk.to(tl.int64) * stride_on + d, mean,
-             mask=d < D)
+             mask=(d < D) & ~keep)
 
 
 def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None,
