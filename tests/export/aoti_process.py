@@ -46,8 +46,11 @@ def run_package(package: Path, inputs: tuple[torch.Tensor, ...], workdir: Path,
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("PYTHON") and name != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD.format(imports=textwrap.dedent(imports)), str(package),
-         str(inputs_path), str(outputs_path)],
+        # faulthandler: a crash inside the package's native code still leaves a trace.
+        [sys.executable, "-X", "faulthandler", "-c",
+         _CHILD.format(imports=textwrap.dedent(imports)), str(package), str(inputs_path),
+         str(outputs_path)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, (f"the package's process exited with {done.returncode}\n"
+                                  f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-4000:]}")
     return torch.load(outputs_path)
