@@ -1,7 +1,9 @@
 """Time of each stage of the selection pipelines on one CUDA card, to see where the time goes:
 top-k alone of [8192 x 65536] fp32 (sample threshold, row compaction, candidate top-k) and
 dense / MISA at 8192 queries x 64K keys (router, head gather, scoring, selection from the
-scores, the fused selection route, the whole op), and decode at 64 sequences x 64K keys.
+scores, the fused selection route, the whole op), MISA-hierarchical's all-head re-rank of 8192
+candidates per query (gathered scoring against the same math on contiguous keys, candidate
+top-k, the whole op), and decode at 64 sequences x 64K keys.
 
     python bench/profile_stages.py"""
 from __future__ import annotations
@@ -103,6 +105,35 @@ def fused_emit_path(q, k, w, vis, K=2048):
                       ids=cand_idx.view(1, S, -1), count=count, lo=lo)
 
 
+def rerank(out, S=8192, T=65536, H=64, C=8192, K=2048, chunk=2048):
+    """The re-rank stage of MISA-hierarchical: every query's C candidate keys (sorted random ids
+    of the visible causal range, as the routed stage hands them over) scored with all H heads,
+    then the top K of them. The same scoring over C contiguous keys shows what the gather costs
+    (identical math: H x C dot products of D per query)."""
+    q, k, w = make_inputs(1, S, T, H)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    visible = torch.arange(T - S + 1, T + 1, device="cuda")[:, None]
+    candidates = (torch.rand(S, C, generator=gen, device="cuda") * visible).long()
+    candidates = candidates.sort(-1).values[None]
+    vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+    scores = torch.empty(1, chunk, C, device="cuda")
+    chunks = range(0, S, chunk)
+    out["rerank.query_scores gathered"] = ms(lambda: [query_scores(
+        q, k, w, scores, rows=chunk, row0=r0, candidates=candidates[:, r0:r0 + chunk], **vis)
+        for r0 in chunks])
+    # Keys 0..C-1 are visible to every query of the causal chunk at the end of T.
+    out["rerank.query_scores contiguous"] = ms(lambda: [query_scores(
+        q, k, w, scores, rows=chunk, row0=r0, **vis) for r0 in chunks])
+    out["rerank.index_scores contiguous"] = ms(lambda: [index_scores(
+        q, k, w, rows=chunk, row0=r0, n_cols=C, out=scores, **vis) for r0 in chunks])
+    values = torch.empty(1, chunk, K, device="cuda")
+    indices = torch.empty(1, chunk, K, dtype=torch.int64, device="cuda")
+    out["rerank.candidate_topk"] = len(chunks) * ms(lambda: ct.candidate_topk(
+        scores, K, T, values, indices, ids=candidates[:, :chunk]))
+    out["rerank.op rerank_topk"] = ms(lambda: torch.ops.misa.rerank_topk(
+        q, k, w, candidates, K, 1.0, True))
+
+
 def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     """One query per sequence: scoring, selection, router, whole ops; the key-read floor."""
     q, k, w = make_inputs(batch, 1, T, H)
@@ -140,6 +171,8 @@ def main():
     print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
     torch.cuda.empty_cache()
     decode(out)
+    torch.cuda.empty_cache()
+    rerank(out)
     torch.cuda.empty_cache()
     scoring(out)
     for key, value in out.items():
