@@ -3,7 +3,9 @@ top-k alone of [8192 x 65536] fp32 (sample threshold, row compaction, candidate 
 dense / MISA at 8192 queries x 64K keys (router, head gather, scoring, selection from the
 scores, the fused selection route, the whole op), MISA-hierarchical's all-head re-rank of 8192
 candidates per query (gathered scoring against the same math on contiguous keys, candidate
-top-k, the whole op), and decode at 64 sequences x 64K keys.
+top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
+key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
+64 sequences x 64K keys.
 
     python bench/profile_stages.py"""
 from __future__ import annotations
@@ -134,6 +136,26 @@ def rerank(out, S=8192, T=65536, H=64, C=8192, K=2048, chunk=2048):
         q, k, w, candidates, K, 1.0, True))
 
 
+def ranges_against_causal(out, T=32768, H=64, h=8, C=8192, K=2048):
+    """Prefill of T queries over T keys, visibility as causal=True and as the equal ragged ranges
+    [0, t + 1): the routed stage of MISA-hierarchical (top C), its re-rank (top K) and MISA's
+    routed top-K. With ranges the launcher cannot shrink a chunk's key count to its last visible
+    key, so early chunks take the sampled-threshold path where causal ones take the direct one."""
+    q, k, w = make_inputs(1, T, T, H)
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    ranges = dict(causal=False, key_start=torch.zeros(1, T, dtype=torch.int64, device="cuda"),
+                  key_end=torch.arange(1, T + 1, device="cuda")[None])
+    ops = torch.ops.misa
+    for name, vis in (("causal", dict(causal=True)), ("ranges", ranges)):
+        _, candidates = ops.routed_topk(q, k, w, heads, C, 1.0, **vis)
+        out[f"{name}.routed_topk top {C}"] = ms(lambda vis=vis: ops.routed_topk(
+            q, k, w, heads, C, 1.0, **vis))
+        out[f"{name}.rerank_topk"] = ms(lambda vis=vis, c=candidates: ops.rerank_topk(
+            q, k, w, c, K, 1.0, **vis))
+        out[f"{name}.routed_topk top {K}"] = ms(lambda vis=vis: ops.routed_topk(
+            q, k, w, heads, K, 1.0, **vis))
+
+
 def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     """One query per sequence: scoring, selection, router, whole ops; the key-read floor."""
     q, k, w = make_inputs(batch, 1, T, H)
@@ -173,6 +195,8 @@ def main():
     decode(out)
     torch.cuda.empty_cache()
     rerank(out)
+    torch.cuda.empty_cache()
+    ranges_against_causal(out)
     torch.cuda.empty_cache()
     scoring(out)
     for key, value in out.items():
