@@ -16,7 +16,7 @@ key) axes and folds each proven condition on (query i, key j) into the ops' argu
 The last is transformers' create_causal_mask given position_ids P (always the case under
 torch.compile, see find_packed_sequence_indices): P is a graph input of unknown values, but on one
 run of equal labels P[j] - P[i] == j - i (mask_algebra.MaskAlgebra.within_segments), so a packed
-causal mask becomes ragged key ranges and no [S,T] mask is read.
+causal mask becomes causal=True plus the segments' key ranges, and no [S,T] mask is read.
 
 Only what is proven is folded: an offset equal to T - S only when that equality is statically
 known (a run-time position offset is opaque to the algebra and stays in the mask). What cannot be
@@ -106,11 +106,9 @@ def plan_visibility(site: IndexerSite) -> SiteVisibility:
         plan.starts += starts
         plan.ends += ends
         plan.leaves += leaves
-    if plan.causal and plan.has_ranges:
-        # Both apply; the ops combine them, but one form is simpler to read and run: the causal
-        # end becomes one more range end (static sizes here, since ranges need them).
-        plan.ends.append(KeyBound(concrete(keys) - concrete(queries) + 1, 1))
-        plan.causal = False
+    # Causal and ranges together stay together (the ops intersect them): causal=True is what
+    # lets the GPU launchers skip, per chunk of queries, the key tiles past its last visible key,
+    # which key ranges (run-time values) cannot tell them.
     return plan
 
 

@@ -151,8 +151,9 @@ def test_mask_programs_rewrite_to_what_eager_selects(queries, extra_keys, shift,
     record, gm = rewrite_and_check(fn, args, queries, keys, offset, window)
     if runtime_offset:
         expected = "mask"
-    elif shift == 0 and window is None:
-        expected = "causal+mask"
+    elif shift == 0:
+        # A window's far edge is a key_start next to causal=True.
+        expected = "causal+mask" if window is None else "causal+ranges+mask"
     else:
         expected = "ranges+mask"
     assert record.visibility == expected, (record, misa_ops(gm))
@@ -258,20 +259,20 @@ def rewrite_packed(visible_fn, packing, other=None):
 @pytest.mark.parametrize("labels", [transformers_labels, sliced_labels])
 def test_a_packed_causal_mask_becomes_segment_ranges_and_no_mask(labels, packing):
     """L[q] == L[kv] and P[kv] <= P[q]: on one run of labels P steps with the index, so the mask
-    is the run's start (key_start) and causal (an end), with no [S,T] tensor read."""
+    is the run's start (key_start) and causal=True, with no [S,T] tensor read."""
     def visible(positions, _):
         return same_label(labels(positions)) & causal_positions(positions)
 
     record, gm = rewrite_packed(visible, packing)
-    assert record.visibility == "ranges"
-    assert op_visibility(gm) == (False, True, False)
+    assert record.visibility == "causal+ranges"
+    assert op_visibility(gm) == (True, True, False)
     assert torch.ops.aten.cummax.default in [n.target for n in gm.graph.nodes]
 
 
 @pytest.mark.parametrize("packing", sorted(PACKINGS))
 def test_a_packed_sliding_window_and_a_segment_alone_become_ranges(packing):
-    """A window P[q] - P[kv] < 3 on the segment, and the segment without any causal bound (its
-    key_end must then be applied)."""
+    """A window P[q] - P[kv] < 3 on the segment (causal=True and a key_start), and the segment
+    without any causal bound (its key_end must then be applied)."""
     def window(positions, _):
         gap = positions[:, :, None] - positions[:, None, :]
         return same_label(transformers_labels(positions)) & (gap < 3) & (gap >= 0)
@@ -279,10 +280,10 @@ def test_a_packed_sliding_window_and_a_segment_alone_become_ranges(packing):
     def segment_only(positions, _):
         return same_label(transformers_labels(positions))
 
-    for visible in (window, segment_only):
+    for visible, causal in ((window, True), (segment_only, False)):
         record, gm = rewrite_packed(visible, packing)
-        assert record.visibility == "ranges", visible.__name__
-        assert op_visibility(gm) == (False, True, False)
+        assert record.visibility == ("causal+ranges" if causal else "ranges"), visible.__name__
+        assert op_visibility(gm) == (causal, True, False)
 
 
 def diff_is_not_one_but_two(positions):

@@ -1,7 +1,7 @@
 """Whole-model compiles of the tiny transformers DSA models (DeepSeek-V3.2, GLM-MoE-DSA): the
 causal mask the model builds from its positions reaches the misa ops as causal=True; a 2-D
-padding mask stays a mask next to it; position_ids passed in (packed sequences) become ragged key
-ranges; logits and indexer selections equal eager with all heads active."""
+padding mask stays a mask next to it; position_ids passed in (packed sequences) become causal=True
+plus ragged key ranges; logits and indexer selections equal eager with all heads active."""
 from __future__ import annotations
 
 import pytest
@@ -93,8 +93,8 @@ def visible_selection(indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def test_position_ids_passed_in_fold_into_key_ranges_and_select_what_eager_selects(tiny,
                                                                                    positions):
     """create_causal_mask given position_ids (no attention mask, no cache) builds the packed-
-    sequence mask from them: same label and P[kv] <= P[q]. It reaches the ops as segment key
-    ranges, no mask; each layer's indexer picks the same visible keys as the eager indexer on the
+    sequence mask from them: same label and P[kv] <= P[q]. It reaches the ops as causal=True and
+    the segments' key ranges, no mask; each layer's indexer picks the same visible keys as the eager indexer on the
     inputs the compiled one saw (captured by forward hooks), and the logits equal eager."""
     model, input_ids = tiny
     position_ids = POSITIONS[positions]
@@ -110,7 +110,8 @@ def test_position_ids_passed_in_fold_into_key_ranges_and_select_what_eager_selec
         for hook in hooks:
             hook.remove()
     report = misa_compile.backend.last_report()
-    assert [r.visibility for r in report.rewritten] == ["ranges"] * LAYERS, str(report)
+    assert [r.visibility for r in report.rewritten] == ["causal+ranges"] * LAYERS, \
+        str(report)
     assert len(seen) == LAYERS
     with torch.no_grad():
         eager = model(input_ids=input_ids, position_ids=position_ids).logits
@@ -140,7 +141,8 @@ def test_default_inductor_target_compiles_the_segment_ranges(tiny):
         logits = compiled(input_ids=input_ids, position_ids=position_ids).logits
         eager = model(input_ids=input_ids, position_ids=position_ids).logits
     report = misa_compile.backend.last_report()
-    assert [r.visibility for r in report.rewritten] == ["ranges"] * LAYERS, str(report)
+    assert [r.visibility for r in report.rewritten] == ["causal+ranges"] * LAYERS, \
+        str(report)
     torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
 
 
