@@ -1,5 +1,5 @@
 """The radix select (selection/radix_select.py) under Triton's CPU interpreter: the k-th largest
-key against a direct definition, and every selection built on it (candidate_topk,
+key (over key bits, and over a row's values with the exact finish) against a direct definition, and every selection built on it (candidate_topk,
 sample_threshold, the streamed flagged_topk, topk_rows) against torch.topk on rows with heavy
 ties, -inf, NaN (ranks as -inf), equal rows, k == n and fewer visible entries than k. Selections
 are compared by their sorted values and by the validity and uniqueness of their indices, never
@@ -21,7 +21,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     from misa_compile.kernels.triton.selection.candidate_topk import candidate_topk
     from misa_compile.kernels.triton.selection.flagged_topk import flagged_topk
-    from misa_compile.kernels.triton.selection.radix_select import kth_largest_key
+    from misa_compile.kernels.triton.common import ordered_key
+    from misa_compile.kernels.triton.selection.radix_select import kth_largest, kth_largest_key
     from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
     from misa_compile.kernels.triton.selection.sample_threshold import sample_threshold
 
@@ -32,6 +33,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         keys = tl.load(key_ptr + r * n + slots, mask=slots < n, other=0).to(tl.uint32,
                                                                              bitcast=True)
         threshold, above = kth_largest_key(keys, tl.load(k_ptr + r), BLOCK)
+        tl.store(out_ptr + 2 * r, threshold.to(tl.int32, bitcast=True))
+        tl.store(out_ptr + 2 * r + 1, above)
+
+    @triton.jit
+    def kth_of_values_kernel(val_ptr, k_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        # As candidate_topk holds a row: NaN as -inf, padding lanes value -inf and key 0.
+        r = tl.program_id(0)
+        slots = tl.arange(0, BLOCK)
+        values = tl.load(val_ptr + r * n + slots, mask=slots < n, other=float("-inf"))
+        values = tl.where(values == values, values, float("-inf"))
+        keys = tl.where(slots < n, ordered_key(values), 0)
+        threshold, above = kth_largest(values, keys, tl.load(k_ptr + r), BLOCK)
         tl.store(out_ptr + 2 * r, threshold.to(tl.int32, bitcast=True))
         tl.store(out_ptr + 2 * r + 1, above)
 
@@ -108,6 +121,46 @@ def test_kth_largest_key_matches_its_definition(n, k, kind, seed):
     src = torch.from_numpy(keys.astype(np.uint32).view(np.int32).copy())
     out = torch.empty(3, 2, dtype=torch.int32)
     kth_kernel[(3,)](src, ks, out, n, BLOCK=block)
+    for r in range(3):
+        t, above = kth_reference(keys[r], int(ks[r]), block)
+        assert int(out[r, 0]) & 0xFFFFFFFF == t and int(out[r, 1]) == above
+
+
+VALUE_KINDS = ROW_KINDS + ("pos_inf", "clustered", "huge_span")
+
+
+def make_value_row(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """make_row's rows plus the corners of the value binning: +inf lanes, a cluster of nearly
+    equal values under one outlier (the two passes leave many keys in the final bin: the
+    fallback), and a span past fp32 (max - min overflows)."""
+    if kind == "pos_inf":
+        x = torch.randn(n, generator=gen)
+        x[torch.rand(n, generator=gen) < 0.3] = float("inf")
+        x[torch.rand(n, generator=gen) < 0.2] = NEG_INF
+        return x
+    if kind == "clustered":
+        x = 1.0 + torch.randint(0, 40, (n,), generator=gen) * 2.0 ** -20
+        x[0] = 1e6
+        return x
+    if kind == "huge_span":
+        x = torch.randn(n, generator=gen)
+        x[0], x[-1] = 3e38, -3e38
+        return x
+    return make_row(kind, n, gen)
+
+
+@SETTINGS
+@given(n=st.integers(1, 300), k=st.integers(1, 300), kind=st.sampled_from(VALUE_KINDS),
+       seed=st.integers(0, 2 ** 16))
+def test_kth_largest_of_values_matches_its_definition(n, k, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.stack([make_value_row(kind, n, gen), make_value_row("normal", n, gen),
+                     make_value_row(kind, n, gen)])
+    block = triton.next_power_of_2(max(n, 16))
+    ks = torch.tensor([k, max(1, k // 3), block + 1], dtype=torch.int32)
+    out = torch.empty(3, 2, dtype=torch.int32)
+    kth_of_values_kernel[(3,)](x, ks, out, n, BLOCK=block)
+    keys = ordered_keys(x.masked_fill(x.isnan(), NEG_INF))
     for r in range(3):
         t, above = kth_reference(keys[r], int(ks[r]), block)
         assert int(out[r, 0]) & 0xFFFFFFFF == t and int(out[r, 1]) == above

@@ -151,7 +151,8 @@ def _prune(configs, named_args, **kwargs):
 _tuned_kernel = triton.autotune(
     configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "KEY_BLOCK", "HAS_KSCALE", "MASK_KIND"],
     # EMIT appends to the counts: every tuning run starts from empty lists. (reset_to_zero, not
-    # a pre_hook, so that Inductor can tune and launch the kernel itself.)
+    # a pre_hook, so that Inductor can tune and launch the kernel itself.) torch's wrap_triton
+    # rebuilds a pruned autotuner without reset_to_zero: eager launches go plain (register.py).
     reset_to_zero=["count_ptr"],
     prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)

@@ -1,4 +1,11 @@
-"""The k-th largest order-preserving 32-bit key (common.ordered_key) by radix select: four passes
+"""The k-th largest order-preserving 32-bit key (common.ordered_key) of a row held in registers.
+
+kth_largest, the one the selections call, bins the lanes' fp32 values twice over the row's finite
+range (256 linear bins, then 256 sub-bins of the chosen bin): any monotone binning keeps the
+answer in the bin that the counts point to, and two passes over the value range leave only a
+lane or two in the final bin, where a few exact reductions over the keys finish. A row whose
+final bin still holds many distinct keys (values spread over many orders of magnitude, a span
+past fp32) falls back to kth_largest_key, an exact radix select over the key bits: four passes
 of 8-bit digits, most significant first, each one 256-bin tl.histogram and a suffix sum over the
 bins, where a bitwise search needs 32 rounds, each a full reduction (latency bound).
 
@@ -15,6 +22,8 @@ import triton
 import triton.language as tl
 
 BINS = tl.constexpr(256)
+# Distinct keys the exact finish of kth_largest walks down through before falling back.
+FINISH_STEPS = tl.constexpr(16)
 
 
 @triton.jit
@@ -56,3 +65,50 @@ def kth_largest_key(keys, k, LANES: tl.constexpr):
         hist = tl.histogram(radix_digit(keys, prefix, 24 - 8 * p), BINS)
         prefix, above = pick_digit(hist, LANES, prefix, above, k, 24 - 8 * p)
     return prefix, above
+
+
+@triton.jit
+def value_bins(x, values):
+    """Bin 0..255 of each lane from x >= 0, its position in bin units (any monotone function of
+    the value works, however fp32 rounds it); +inf lanes take the top bin."""
+    bins = tl.minimum(tl.maximum(x.to(tl.int32), 0), BINS - 1)  # truncation is the floor
+    return tl.where(values == float("inf"), BINS - 1, bins)
+
+
+@triton.jit
+def kth_largest(values, keys, k, LANES: tl.constexpr):
+    """kth_largest_key's result for keys = ordered_key(values) (NaN lanes -inf; padding lanes
+    value -inf and key 0), by two passes over the value range and an exact finish."""
+    finite = tl.abs(values) < float("inf")
+    vmax = tl.max(tl.where(finite, values, float("-inf")), axis=0)
+    vmin = tl.min(tl.where(finite, values, float("inf")), axis=0)
+    span = vmax - vmin
+    # No finite value, a single one, or a span past fp32: every finite lane lands in bin 0 and
+    # the finish (or the fallback) decides.
+    spread = (span > 0) & (span < float("inf"))
+    scale = tl.where(spread, BINS / tl.where(spread, span, 1.0), 0.0)
+    pos = (tl.where(finite, values, vmin) - vmin) * scale  # -inf lanes: bin 0
+    coarse = value_bins(pos, values)
+    zero = tl.zeros((), dtype=tl.uint32)
+    digit, above = pick_digit(tl.histogram(coarse, BINS), LANES, zero,
+                              tl.zeros((), dtype=tl.int32), k, 0)
+    d1 = digit.to(tl.int32)
+    # Sub-bins of bin d1; lanes above it count as 255 and below as 0, as in radix_digit.
+    sub = value_bins((pos - d1.to(tl.float32)) * BINS, values)
+    fine = tl.where(coarse > d1, BINS - 1, tl.where(coarse < d1, 0, sub))
+    digit, above = pick_digit(tl.histogram(fine, BINS), LANES, zero, above, k, 0)
+    in_final = (coarse == d1) & (fine == digit.to(tl.int32))
+    # The final bin holds the answer and at least `need` lanes; lanes outside it have keys
+    # above or below all of its keys (equal keys share a value, hence a bin).
+    need = k - above
+    cur = tl.max(tl.where(in_final, keys, 0), axis=0)
+    at_or_above = tl.sum((in_final & (keys >= cur)).to(tl.int32), axis=0)
+    steps = tl.zeros((), dtype=tl.int32)
+    while (at_or_above < need) & (steps < FINISH_STEPS):
+        cur = tl.max(tl.where(in_final & (keys < cur), keys, 0), axis=0)
+        at_or_above = tl.sum((in_final & (keys >= cur)).to(tl.int32), axis=0)
+        steps += 1
+    above = above + tl.sum((in_final & (keys > cur)).to(tl.int32), axis=0)
+    if at_or_above < need:
+        cur, above = kth_largest_key(keys, k, LANES)
+    return cur, above

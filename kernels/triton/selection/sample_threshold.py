@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..common import NEG_INF_KEY, key_to_value, next_pow2, ordered_key
-from .radix_select import kth_largest_key
+from .radix_select import kth_largest
 
 MAX_SAMPLE = 8192
 
@@ -37,7 +37,7 @@ def sample_threshold_kernel(src_ptr, lo_ptr, rows_per_batch, n_sample, n_cols, r
                      + cols.to(tl.int64) * stride_c, mask=valid, other=float("-inf"))
     values = tl.where(values == values, values, float("-inf"))
     keys = tl.where(valid, ordered_key(values), 0)
-    threshold, _ = kth_largest_key(keys, rank, BLOCK)
+    threshold, _ = kth_largest(values, keys, rank, BLOCK)
     lo = tl.where(threshold > NEG_INF_KEY, key_to_value(threshold), float("-inf"))
     tl.store(lo_ptr + r, lo)
 
