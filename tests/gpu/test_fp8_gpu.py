@@ -99,7 +99,7 @@ def ragged_ranges(batch, queries, keys, seed):
     (1, 512, 16384, True, False),   # 512 queries at the end of 16K keys
     (2, 300, 5000, False, True),    # ragged key ranges, T not a multiple of any tile
     (2, 64, 1500, True, False),     # T < k_top: -inf tails
-    (4, 1, 9000, False, True),      # decode (heads-as-rows kernel), ragged lengths
+    (4, 1, 9000, False, True),      # decode (per-query kernel), ragged lengths
 ])
 def test_dense_router_and_routed_topk(batch, queries, keys, causal, ragged):
     q8, k8, w, q_scale, k_scale = fp8_inputs(batch, queries, keys, seed=keys)

@@ -1,6 +1,6 @@
 """The Triton kernels with the ops' `mask` argument, run by Triton's CPU interpreter
 (TRITON_INTERPRET=1) on tiny fp32/fp16 inputs against the float64 references: each kernel path
-(scores in full, the sampled-threshold + candidate-list path, the few-queries heads-as-rows path,
+(scores in full, the sampled-threshold + candidate-list path, the few-queries per-query path,
 the router, the re-rank, HISA's block filter, the CUDA op implementations end to end) with every
 mask form of mask_forms.py. Selections are compared by the reference scores of the chosen keys
 (ties are unspecified). Also: broadcastable masks through the ops on CPU, their errors, and the
@@ -105,7 +105,7 @@ def test_sampled_threshold_path_with_mask(form, routed):
 
 @forms
 def test_few_queries_path_with_mask(form):
-    # Fewer than 16 queries per sequence: the heads-as-rows kernel, then top-k of the rows.
+    # Fewer than 16 queries per sequence: the per-query kernel, then top-k of the rows.
     q, k, w = make(3, 2, 80, 4, dtype=torch.float16, seed=9)
     mask = make_mask(form, 3, 2, 80, seed=10)
     values, indices = scored_topk(q, k, w, None, 8, 1.0, True, None, None, mask=mask)

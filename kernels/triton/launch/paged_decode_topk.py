@@ -1,5 +1,5 @@
 """misa::paged_decode_topk on the GPU: the unpaged decode path of select.py (router, routed head
-gather, heads-as-rows scores, top-k of the score rows) with the kernels reading keys straight
+gather, per-query scores, top-k of the score rows) with the kernels reading keys straight
 from their pages. Nothing copies the pages into contiguous keys: decode is bound by key reads,
 and a gather would read and write every key once more."""
 from __future__ import annotations

@@ -12,7 +12,7 @@ Routed heads are gathered once into contiguous [B, S, h, D] / [B, S, h] tensors,
 scoring is the dense kernel over h heads with plain strided loads (measured 27% faster on an
 H100 than gathering through the head table inside the kernel's loads). Chunks whose keys fit a
 candidate list (short contexts) are scored in full and selected directly. Few queries per
-sequence (decode) take the heads-as-rows kernel (query_scores) and select with topk_rows.
+sequence (decode) take the per-query kernel (query_scores) and select with topk_rows.
 Causal chunks only launch key tiles up to their last visible key. The op's mask (bool or
 additive, any shape broadcastable to [B, S, T]) goes to every scoring kernel, read through its
 strides; masked selections then get hidden ids in their -inf slots (hidden_tails.py).
