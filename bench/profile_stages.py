@@ -5,11 +5,13 @@ scores, the fused selection route, the whole op), MISA-hierarchical's all-head r
 candidates per query (gathered scoring against the same math on contiguous keys, candidate
 top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
-64 sequences x 64K keys.
+64 sequences x 64K keys; MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
+bool mask against causal=True.
 
-    python bench/profile_stages.py"""
+    python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -24,8 +26,10 @@ from misa_compile.kernels.triton.selection.compact_rows import _tuned_kernel as 
 from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.scoring.index_scores import index_scores
 from misa_compile.kernels.triton.scoring.query_scores import query_scores
+from misa_compile.kernels.triton.scoring.block_visibility import block_visibility
 from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 from misa_compile.kernels.triton.launch.route_heads import route_heads
+from misa_compile.kernels.triton.selection.hidden_tails import hidden_tails
 from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
 from workloads import make_inputs
 
@@ -87,24 +91,74 @@ def scoring(out, S=8192, T=65536, H=64, h=8, chunk=4096):
     out["op.dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, 2048, 1.0, True))
 
 
-def fused_emit_path(q, k, w, vis, K=2048):
+def fused_emit_path(q, k, w, vis, K=2048, out=None, prefix=""):
     """Selection fused into scoring (index_scores EMIT): sampled scores, threshold, scores >= it
-    appended to candidate lists, candidate top-k; the [S, T] scores are never written."""
+    appended to candidate lists, candidate top-k; the [S, T] scores are never written. With
+    `out`, each stage is also timed alone under prefix."""
     S, T = q.shape[1], k.shape[1]
     plan = plan_selection(K, T)
     sample = torch.empty(1, S, plan.n_sample, device="cuda")
-    index_scores(q, k, w, rows=S, row0=0, n_cols=plan.n_sample, key_stride=plan.key_stride,
-                 out=sample, **vis)
     lo = torch.empty(S, device="cuda")
-    st.sample_threshold(sample, plan.rank, plan.n_sample, lo)
     cand_val = torch.empty(S, plan.capacity, device="cuda")
     cand_idx = torch.empty(S, plan.capacity, dtype=torch.int32, device="cuda")
     count = torch.zeros(S, dtype=torch.int32, device="cuda")
-    index_scores(q, k, w, rows=S, row0=0, n_cols=T, emit=(lo, cand_val, cand_idx, count), **vis)
     values = torch.empty(1, S, K, device="cuda")
     indices = torch.empty(1, S, K, dtype=torch.int64, device="cuda")
-    ct.candidate_topk(cand_val.view(1, S, -1), K, T, values, indices,
-                      ids=cand_idx.view(1, S, -1), count=count, lo=lo)
+    stages = {
+        "sampled scores": lambda: index_scores(q, k, w, rows=S, row0=0, n_cols=plan.n_sample,
+                                               key_stride=plan.key_stride, out=sample, **vis),
+        "threshold": lambda: st.sample_threshold(sample, plan.rank, plan.n_sample, lo),
+        "emit": lambda: (count.zero_(), index_scores(
+            q, k, w, rows=S, row0=0, n_cols=T, emit=(lo, cand_val, cand_idx, count), **vis)),
+        "candidate_topk": lambda: ct.candidate_topk(
+            cand_val.view(1, S, -1), K, T, values, indices, ids=cand_idx.view(1, S, -1),
+            count=count, lo=lo),
+    }
+    for stage in stages.values():
+        stage()
+    if out is not None:
+        for name, stage in stages.items():
+            out[f"{prefix}{name}"] = ms(stage)
+        out[f"{prefix}candidates per row (capacity {plan.capacity})"] = float(count.float().mean())
+
+
+def hier_stages(out, S=8192, T=65536, H=64, h=8, C=8192, K=2048):
+    """MISA-hierarchical at 8192 x 64K, stage by stage: the routed top-C (sampled scores,
+    threshold, candidate append, candidate top-k over lists of up to 16384), the re-rank."""
+    q, k, w = make_inputs(1, S, T, H)
+    vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    q_r, w_r = gather_heads(q, w, heads)
+    fused_emit_path(q_r, k, w_r, vis, K=C, out=out, prefix=f"hier.routed top {C}: ")
+    ops = torch.ops.misa
+    out[f"hier.op routed_topk top {C}"] = ms(lambda: ops.routed_topk(q, k, w, heads, C, 1.0,
+                                                                     True))
+    _, candidates = ops.routed_topk(q, k, w, heads, C, 1.0, True)
+    out["hier.op rerank_topk"] = ms(lambda: ops.rerank_topk(q, k, w, candidates, K, 1.0, True))
+
+
+def masked(out, S=1024, T=65536, H=64, h=8, K=2048):
+    """MISA with the causal visibility given as a bool [S, T] mask (causal=False), as
+    bench_indexer's 'bool mask' rows, against causal=True: the router's block visibility, the
+    router, the routed selection, the hidden-id fill of masked selections."""
+    q, k, w = make_inputs(1, S, T, H)
+    pos = torch.arange(T, device="cuda")
+    mask = (pos[None, :] <= (T - S + torch.arange(S, device="cuda"))[:, None])[None]
+    ops = torch.ops.misa
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    out["masked.block_visibility"] = ms(lambda: block_visibility(mask, 1, S, T, 1024, False,
+                                                                 None, None))
+    out["masked.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, False, None, None,
+                                                       mask=mask))
+    out["causal.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None, None))
+    out["masked.op routed_topk"] = ms(lambda: ops.routed_topk(q, k, w, heads, K, 1.0, False,
+                                                              mask=mask))
+    out["causal.op routed_topk"] = ms(lambda: ops.routed_topk(q, k, w, heads, K, 1.0, True))
+    values, indices = ops.routed_topk(q, k, w, heads, K, 1.0, False, mask=mask)
+    out["masked.hidden_tails"] = ms(lambda: hidden_tails(values, indices, mask, T, False, None,
+                                                         None))
+    out["masked.op dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, K, 1.0, False, mask=mask))
+    out["causal.op dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, K, 1.0, True))
 
 
 def rerank(out, S=8192, T=65536, H=64, C=8192, K=2048, chunk=2048):
@@ -187,20 +241,23 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     out["decode.copy keys"] = ms(lambda: copy.copy_(k))
 
 
+SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
+                scoring=scoring, hier=hier_stages, masked=masked)
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections, of {', '.join(SECTIONS)}")
+    args = parser.parse_args()
     out = {}
-    topk_alone(out)
-    print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
-    torch.cuda.empty_cache()
-    decode(out)
-    torch.cuda.empty_cache()
-    rerank(out)
-    torch.cuda.empty_cache()
-    ranges_against_causal(out)
-    torch.cuda.empty_cache()
-    scoring(out)
+    for name in args.only.split(","):
+        SECTIONS[name.strip()](out)
+        if name.strip() == "topk":
+            print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
+        torch.cuda.empty_cache()
     for key, value in out.items():
-        print(f"{key:45s} {value:9.3f}", flush=True)
+        print(f"{key:60s} {value:9.3f}", flush=True)
     print(json.dumps(out))
 
 
