@@ -126,13 +126,14 @@ def test_kth_largest_key_matches_its_definition(n, k, kind, seed):
         assert int(out[r, 0]) & 0xFFFFFFFF == t and int(out[r, 1]) == above
 
 
-VALUE_KINDS = ROW_KINDS + ("pos_inf", "clustered", "huge_span")
+VALUE_KINDS = ROW_KINDS + ("pos_inf", "clustered", "huge_span", "denormal_span")
 
 
 def make_value_row(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
     """make_row's rows plus the corners of the value binning: +inf lanes, a cluster of nearly
     equal values under one outlier (the two passes leave many keys in the final bin: the
-    fallback), and a span past fp32 (max - min overflows)."""
+    fallback), a span past fp32 (max - min overflows) and a denormal span (256 / span
+    overflows)."""
     if kind == "pos_inf":
         x = torch.randn(n, generator=gen)
         x[torch.rand(n, generator=gen) < 0.3] = float("inf")
@@ -142,6 +143,8 @@ def make_value_row(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
         x = 1.0 + torch.randint(0, 40, (n,), generator=gen) * 2.0 ** -20
         x[0] = 1e6
         return x
+    if kind == "denormal_span":
+        return torch.randint(-2, 3, (n,), generator=gen) * torch.finfo(torch.float32).smallest_normal * 2.0 ** -22
     if kind == "huge_span":
         x = torch.randn(n, generator=gen)
         x[0], x[-1] = 3e38, -3e38
@@ -157,12 +160,26 @@ def test_kth_largest_of_values_matches_its_definition(n, k, kind, seed):
     x = torch.stack([make_value_row(kind, n, gen), make_value_row("normal", n, gen),
                      make_value_row(kind, n, gen)])
     block = triton.next_power_of_2(max(n, 16))
-    ks = torch.tensor([k, max(1, k // 3), block + 1], dtype=torch.int32)
-    out = torch.empty(3, 2, dtype=torch.int32)
-    kth_of_values_kernel[(3,)](x, ks, out, n, BLOCK=block)
+    assert_kth_of_values(x, [k, max(1, k // 3), block + 1])
+
+
+@pytest.mark.parametrize("kind", VALUE_KINDS)
+def test_kth_largest_of_values_on_every_row_kind(kind):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.stack([make_value_row(kind, 200, gen) for _ in range(4)])
+    assert_kth_of_values(x, [1, 37, 199, 200])
+
+
+def assert_kth_of_values(x: torch.Tensor, ks: list[int]):
+    """kth_largest over each row of x [R, n] (its own k) equals the definition."""
+    rows, n = x.shape
+    block = triton.next_power_of_2(max(n, 16))
+    out = torch.empty(rows, 2, dtype=torch.int32)
+    kth_of_values_kernel[(rows,)](x.contiguous(), torch.tensor(ks, dtype=torch.int32), out, n,
+                                  BLOCK=block)
     keys = ordered_keys(x.masked_fill(x.isnan(), NEG_INF))
-    for r in range(3):
-        t, above = kth_reference(keys[r], int(ks[r]), block)
+    for r in range(rows):
+        t, above = kth_reference(keys[r], ks[r], block)
         assert int(out[r, 0]) & 0xFFFFFFFF == t and int(out[r, 1]) == above
 
 
