@@ -68,8 +68,12 @@ def test_index_scores_of_gathered_routed_heads_sampled_match_torch():
     assert (out[finite] - ref[finite]).abs().max() / ref[finite].abs().max() < 1e-5
 
 
-def test_emit_keeps_exactly_the_scores_above_threshold():
-    q, k, w = inputs(1, 64, 5000)
+# The first call of each head count tunes the EMIT kernel inside the call, so the counts also
+# show whether the tuning runs were reset: launched plainly (as the eager op launches it,
+# register.py) and through torch's wrap_triton (as traced and exported programs launch it).
+@pytest.mark.parametrize("heads,plain", [(8, True), (5, False)])
+def test_emit_keeps_exactly_the_scores_above_threshold(heads, plain):
+    q, k, w = inputs(1, 64, 5000, heads=heads)
     ref = torch_scores(q, k, w, True)
     # A threshold halfway between the 300th and 301st largest scores: rounding cannot move
     # any score across it.
@@ -79,10 +83,7 @@ def test_emit_keeps_exactly_the_scores_above_threshold():
     cand_val = torch.empty(64, cap, device="cuda")
     cand_idx = torch.empty(64, cap, dtype=torch.int32, device="cuda")
     count = torch.zeros(64, dtype=torch.int32, device="cuda")
-    # Launched plainly, as the eager op launches it (register.py). Through torch's wrap_triton
-    # the pruned autotuner is rebuilt without its reset_to_zero, so the first (tuning) call
-    # would leave the counts of every benchmark run in `count`.
-    with set_wrap_triton_enabled(False):
+    with set_wrap_triton_enabled(not plain):
         index_scores(q, k, w, rows=64, row0=0, causal=True, key_start=None, key_end=None,
                      scale=1.0, n_cols=5000, emit=(lo, cand_val, cand_idx, count))
     assert (count == 300).all()

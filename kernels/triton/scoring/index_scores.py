@@ -131,30 +131,28 @@ def index_scores_kernel(
         tl.store(out, scores, mask=row_ok[:, None] & (cols < n_cols)[None, :])
 
 
-# Autotuned per (head slots, head dim, mode, routing, operand dtype). 64 x 128 tiles keep the
-# two fp32 accumulators of a tile in one warpgroup's registers; 128 x 128 and 64 x 256 halve
-# the reloads of the per-head query tiles (which come from L2) per key. EMIT also tries both
-# ways of reserving candidate slots.
+# Autotuned per (head slots, head dim, routing, operand dtype, mask kind), one tuner per mode.
+# 64 x 128 tiles keep the two fp32 accumulators of a tile in one warpgroup's registers;
+# 128 x 128 and 64 x 256 halve the reloads of the per-head query tiles (which come from L2) per
+# key. EMIT also tries both ways of reserving candidate slots.
 _TILES = [({"BLOCK_M": 64, "BLOCK_N": 128}, 4), ({"BLOCK_M": 128, "BLOCK_N": 128}, 8),
           ({"BLOCK_M": 64, "BLOCK_N": 256}, 8)]
-_CONFIGS = [triton.Config({**tile, "PER_ELEMENT": per_element}, num_warps=warps, num_stages=3)
-            for tile, warps in _TILES for per_element in (False, True)]
+_KEY = ["HS", "BLOCK_D", "KEY_BLOCK", "HAS_KSCALE", "MASK_KIND"]
 
 
-def _prune(configs, named_args, **kwargs):
-    # The slot reservation only exists in EMIT mode: FULL compiles one variant per tile.
-    if kwargs.get("MODE", named_args.get("MODE")) == MODE_EMIT:
-        return configs
-    return [c for c in configs if not c.kwargs["PER_ELEMENT"]]
+def _configs(per_element_choices):
+    return [triton.Config({**tile, "PER_ELEMENT": per_element}, num_warps=warps, num_stages=3)
+            for tile, warps in _TILES for per_element in per_element_choices]
 
 
-_tuned_kernel = triton.autotune(
-    configs=_CONFIGS, key=["HS", "BLOCK_D", "MODE", "KEY_BLOCK", "HAS_KSCALE", "MASK_KIND"],
+# Two tuners rather than one with a config pruner: torch's wrap_triton rebuilds a pruned tuner
+# without its reset_to_zero, and EMIT needs it.
+_tuned_full = triton.autotune(configs=_configs((False,)), key=_KEY)(index_scores_kernel)
+_tuned_emit = triton.autotune(
+    configs=_configs((False, True)), key=_KEY,
     # EMIT appends to the counts: every tuning run starts from empty lists. (reset_to_zero, not
-    # a pre_hook, so that Inductor can tune and launch the kernel itself.) torch's wrap_triton
-    # rebuilds a pruned autotuner without reset_to_zero: eager launches go plain (register.py).
+    # a pre_hook, so that Inductor can tune and launch the kernel itself.)
     reset_to_zero=["count_ptr"],
-    prune_configs_by={"early_config_prune": _prune},
 )(index_scores_kernel)
 
 
@@ -186,9 +184,7 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     dummy = q
     if mode == MODE_FULL:
         assert out.stride(-1) == 1
-        # FULL keeps no counts; the tuner's reset still needs a tensor of its own to zero.
-        count = torch.empty(1, dtype=torch.int32, device=q.device)
-        out_ptr, cand_idx, lo, cap = out, dummy, dummy, 1
+        out_ptr, cand_idx, lo, count, cap = out, dummy, dummy, dummy, 1
         stride_ob, stride_or = out.stride(0), out.stride(1)
     else:
         lo, cand_val, cand_idx, count = emit
@@ -219,4 +215,4 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, rows: int
     def grid(m):
         return (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(n_cols, m["BLOCK_N"]), batch)
 
-    wrap_triton(_tuned_kernel)[grid](*args, **meta)
+    wrap_triton(_tuned_full if mode == MODE_FULL else _tuned_emit)[grid](*args, **meta)
