@@ -7,13 +7,19 @@ card, or needs more shared memory than an H100 block has (an autotuner skips suc
 launch, so a tuned launch needs one config that fits). Prints one JSON line per variant (a
 variant is built once, and reported for every launch that uses it).
 
-    env -u TRITON_INTERPRET python tests/kernels/sm90_builds.py"""
+    env -u TRITON_INTERPRET python tests/kernels/sm90_builds.py [--spills]
+
+--spills adds each variant's registers per thread and spill bytes (ptxas -v on its PTX): a
+16384-lane in-register top-k spilling shows here without a GPU."""
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -151,23 +157,43 @@ def variants(kernel, args, kwargs):
         yield kernel, signature, constexprs, opts
 
 
-def build(fn, signature, constexprs, options) -> dict:
+def build(fn, signature, constexprs, options, spills: bool) -> dict:
     try:
         built = triton.compile(ASTSource(fn, signature, constexprs), target=H100, options=options)
     except Exception as error:  # reported per variant; the test fails on any
         return dict(ok=False, error=f"{type(error).__name__}: {str(error)[:400]}")
-    return dict(ok=True, shared=built.metadata.shared,
-                fits=built.metadata.shared <= H100_SHARED_BYTES)
+    row = dict(ok=True, shared=built.metadata.shared,
+               fits=built.metadata.shared <= H100_SHARED_BYTES)
+    if spills:
+        row.update(ptxas_usage(built.asm["ptx"]))
+    return row
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers per thread and spill bytes of a kernel's PTX for sm_90a, from ptxas -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o",
+                              os.path.join(folder, "kernel.o")], capture_output=True,
+                             text=True).stderr
+    numbers = {name: re.search(pattern, log) for name, pattern in (
+        ("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+        ("spill_loads", r"(\d+) bytes spill loads"))}
+    return {name: int(match.group(1)) for name, match in numbers.items() if match}
 
 
 def main():
+    spills = "--spills" in sys.argv[1:]
     built = {}
     for launch, (kernel, args, kwargs) in enumerate(record_launches()):
         for fn, signature, constexprs, options in variants(kernel, args, kwargs):
             key = (fn.__name__, json.dumps(signature, sort_keys=True),
                    repr(sorted(constexprs.items(), key=str)), repr(sorted(options.items())))
             if key not in built:
-                built[key] = build(fn, signature, constexprs, options)
+                built[key] = build(fn, signature, constexprs, options, spills)
             print(json.dumps(dict(kernel=fn.__name__, launch=launch,
                                   tuned=isinstance(kernel, Autotuner), options=options,
                                   constexprs={k: str(v) for k, v in constexprs.items()},
