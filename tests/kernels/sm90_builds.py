@@ -130,7 +130,10 @@ def scalar_type(value) -> str:
 
 
 def variants(kernel, args, kwargs):
-    """(jit function, signature, constexprs, options) of every variant a launch can build."""
+    """(jit function, signature, constexprs, attributes, options) of every variant a launch can
+    build, specialised as Triton's launcher specialises them (integers equal to 1 become
+    constants; pointers and integers divisible by 16 are marked so), since that decides the
+    vector width of the loads and so the registers."""
     if isinstance(kernel, Autotuner):
         configs = kernel.configs
         kernel = kernel.fn
@@ -144,22 +147,29 @@ def variants(kernel, args, kwargs):
         if config is not None:
             values.update(config.kwargs)
             opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
-        signature, constexprs = {}, {}
-        for param in kernel.params:
+        signature, constexprs, attrs = {}, {}, {}
+        for index, param in enumerate(kernel.params):
             value = values[param.name] if param.name in values else param.default
-            if param.is_constexpr:
+            if param.is_constexpr or (type(value) is int and value == 1
+                                      and not param.do_not_specialize):
                 signature[param.name] = "constexpr"
                 constexprs[param.name] = value
-            elif isinstance(value, torch.Tensor):
+                continue
+            if isinstance(value, torch.Tensor):
                 signature[param.name] = "*" + DTYPES[value.dtype]
+                aligned = value.data_ptr() % 16 == 0
             else:
                 signature[param.name] = scalar_type(value)
-        yield kernel, signature, constexprs, opts
+                aligned = type(value) is int and value % 16 == 0
+            if aligned and not param.do_not_specialize:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        yield kernel, signature, constexprs, attrs, opts
 
 
-def build(fn, signature, constexprs, options, spills: bool) -> dict:
+def build(fn, signature, constexprs, attrs, options, spills: bool) -> dict:
     try:
-        built = triton.compile(ASTSource(fn, signature, constexprs), target=H100, options=options)
+        built = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=H100,
+                               options=options)
     except Exception as error:  # reported per variant; the test fails on any
         return dict(ok=False, error=f"{type(error).__name__}: {str(error)[:400]}")
     row = dict(ok=True, shared=built.metadata.shared,
@@ -189,11 +199,12 @@ def main():
     spills = "--spills" in sys.argv[1:]
     built = {}
     for launch, (kernel, args, kwargs) in enumerate(record_launches()):
-        for fn, signature, constexprs, options in variants(kernel, args, kwargs):
+        for fn, signature, constexprs, attrs, options in variants(kernel, args, kwargs):
             key = (fn.__name__, json.dumps(signature, sort_keys=True),
-                   repr(sorted(constexprs.items(), key=str)), repr(sorted(options.items())))
+                   repr(sorted(constexprs.items(), key=str)), repr(sorted(attrs)),
+                   repr(sorted(options.items())))
             if key not in built:
-                built[key] = build(fn, signature, constexprs, options, spills)
+                built[key] = build(fn, signature, constexprs, attrs, options, spills)
             print(json.dumps(dict(kernel=fn.__name__, launch=launch,
                                   tuned=isinstance(kernel, Autotuner), options=options,
                                   constexprs={k: str(v) for k, v in constexprs.items()},
