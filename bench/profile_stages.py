@@ -137,6 +137,21 @@ def hier_stages(out, S=8192, T=65536, H=64, h=8, C=8192, K=2048):
     out["hier.op rerank_topk"] = ms(lambda: ops.rerank_topk(q, k, w, candidates, K, 1.0, True))
 
 
+def wide_rows(out, rows=8192, width=16384, K=8192):
+    """In-register top-k of rows as wide as MISA-hierarchical's candidate lists (16384 lanes,
+    k = 8192): held in registers (chunk = width) against streamed in pieces of 8192, 4096 and
+    2048 lanes; each checked against torch.topk."""
+    x = torch.randn(1, rows, width, device="cuda")
+    values = torch.empty(1, rows, K, device="cuda")
+    indices = torch.empty(1, rows, K, dtype=torch.int64, device="cuda")
+    expect = x.topk(K, dim=-1).values.sort(-1).values
+    for chunk in (width, 8192, 4096, 2048):
+        ct.candidate_topk(x, K, width, values, indices, chunk=chunk)
+        exact = torch.equal(values.sort(-1).values, expect)
+        out[f"wide.candidate_topk pieces of {chunk}{'' if exact else ' WRONG'}"] = ms(
+            lambda chunk=chunk: ct.candidate_topk(x, K, width, values, indices, chunk=chunk))
+
+
 def masked(out, S=1024, T=65536, H=64, h=8, K=2048):
     """MISA with the causal visibility given as a bool [S, T] mask (causal=False), as
     bench_indexer's 'bool mask' rows, against causal=True: the router's block visibility, the
@@ -242,7 +257,7 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
 
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
-                scoring=scoring, hier=hier_stages, masked=masked)
+                scoring=scoring, hier=hier_stages, masked=masked, wide=wide_rows)
 
 
 def main():

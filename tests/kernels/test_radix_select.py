@@ -183,31 +183,61 @@ def assert_kth_of_values(x: torch.Tensor, ks: list[int]):
         assert int(out[r, 0]) & 0xFFFFFFFF == t and int(out[r, 1]) == above
 
 
+# chunk 0: the row held in registers; 16: streamed from memory in pieces of 16 lanes (as rows
+# wider than STREAM_ABOVE are).
+@pytest.mark.parametrize("chunk", [0, 16])
 @pytest.mark.parametrize("kind", ROW_KINDS)
 @pytest.mark.parametrize("n,k", [(40, 12), (40, 40), (37, 1), (64, 63)])
-def test_candidate_topk_on_hard_rows(kind, n, k):
+def test_candidate_topk_on_hard_rows(kind, n, k, chunk):
     gen = torch.Generator().manual_seed(n * 31 + k)
     x = torch.stack([make_row(kind, n, gen) for _ in range(3)])[None]
     values = torch.empty(1, 3, k)
     indices = torch.empty(1, 3, k, dtype=torch.int64)
-    candidate_topk(x, k, n, values, indices)
+    candidate_topk(x, k, n, values, indices, chunk=chunk)
     assert_topk(x, k, values, indices)
 
 
+@pytest.mark.parametrize("chunk", [0, 16])
 @pytest.mark.parametrize("kind", ROW_KINDS)
-def test_candidate_topk_with_more_slots_than_entries_pads_with_neg_inf(kind):
+def test_candidate_topk_with_more_slots_than_entries_pads_with_neg_inf(kind, chunk):
     gen = torch.Generator().manual_seed(7)
     n, k = 9, 20
     x = torch.stack([make_row(kind, n, gen) for _ in range(2)])[None]
     values = torch.empty(1, 2, k)
     indices = torch.empty(1, 2, k, dtype=torch.int64)
     # The padding slots' ids start at tail_base (the end of the visible entries): distinct.
-    candidate_topk(x, k, 40, values, indices, tail_base=torch.full((2,), n))
+    candidate_topk(x, k, 40, values, indices, tail_base=torch.full((2,), n), chunk=chunk)
     hidden = x.masked_fill(x.isnan(), NEG_INF)
     expect = torch.cat([hidden, torch.full((1, 2, k - n), NEG_INF)], -1).sort(-1).values
     assert torch.equal(values.sort(-1).values, expect)
     assert ((indices >= 0) & (indices < 40)).all()
     assert all(row.unique().numel() == k for row in indices.view(-1, k))
+
+
+@SETTINGS
+@given(width=st.integers(1, 150), k=st.integers(1, 100), kind=st.sampled_from(VALUE_KINDS),
+       chunk=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2 ** 16))
+def test_streamed_candidate_lists_match_the_rows_in_registers(width, k, kind, chunk, seed):
+    """Candidate lists (key ids, valid counts, thresholds, tails, flags) selected streamed in
+    pieces and held in registers: the same slots, bit for bit (both place ties in lane order)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 4
+    x = torch.stack([make_value_row(kind, width, gen) for _ in range(rows)])[None]
+    ids = torch.randperm(10 * width, generator=gen)[:width].repeat(rows, 1)[None].int()
+    count = torch.randint(0, width + 3, (rows,), generator=gen, dtype=torch.int32)
+    lo = torch.where(torch.rand(rows, generator=gen) < 0.5, -1.0, NEG_INF)
+    tail = torch.randint(0, 10 * width, (rows,), generator=gen)
+    results = []
+    for c in (0, chunk):
+        values = torch.full((1, rows, k), 123.0)
+        indices = torch.full((1, rows, k), -5, dtype=torch.int64)
+        flags = torch.full((rows,), 7, dtype=torch.int8)
+        candidate_topk(x, k, 10 * width, values, indices, ids=ids, count=count, lo=lo,
+                       tail_base=tail, flags=flags, chunk=c)
+        results.append((values, indices, flags))
+    (v0, i0, f0), (v1, i1, f1) = results
+    assert torch.equal(v0.nan_to_num(), v1.nan_to_num()) and torch.equal(i0, i1)
+    assert torch.equal(f0, f1)
 
 
 @pytest.mark.parametrize("kind", ROW_KINDS)

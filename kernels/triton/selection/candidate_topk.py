@@ -1,7 +1,11 @@
-"""Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores):
-the row is held in registers, the k-th largest ordered key is found by two histogram passes over
-the row's value range and an exact finish (radix_select.kth_largest), then the entries above it, and as many ties as still fit, are
-written to their output slots by one prefix sum. Output order is unspecified.
+"""Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores).
+The k-th largest ordered key is found by two histogram passes over the row's value range and an
+exact finish (radix_select.kth_largest), then the entries above it, and as many ties as still
+fit, are written to their output slots by a prefix sum. Output order is unspecified. Rows of up
+to STREAM_ABOVE lanes are held in registers; wider ones (MISA-hierarchical's lists of 8192
+candidates, 16384 lanes) are streamed from memory in pieces of CHUNK lanes, one pass per step,
+so that a program's registers hold one piece: 16384 lanes in one program's registers measured
+3.9x the time of 8192 (spilling), where the work only doubles.
 
 Rows shorter than k are padded with -inf entries whose key ids are in range but meaningless:
 (tail_base[row] + slot - n) mod T, which are hidden keys when tail_base is the end of the row's
@@ -19,10 +23,42 @@ from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from ..common import next_pow2, ordered_key
-from .radix_select import kth_largest
+from ..common import next_pow2
+from .radix_select import kth_largest, row_chunk, streamed_kth_largest
 
 MAX_ROW = 16384
+# Rows wider than this are streamed (pieces of STREAM_CHUNK lanes).
+STREAM_ABOVE = 8192
+STREAM_CHUNK = 4096
+
+
+@triton.jit
+def place_chunk(values, keys, slots, n, threshold, n_above, placed_above, placed_tied, K, T,
+                idx_row, stride_ic, base, out_val, out_idx, HAS_IDX: tl.constexpr):
+    """Writes the lanes of one piece that the selection keeps (above the threshold, then ties
+    while slots remain) after the placed_above / placed_tied kept by earlier pieces; returns the
+    piece's counts of both."""
+    valid = slots < n
+    above = keys > threshold
+    tied = keys == threshold
+    # One scan ranks both groups: above in the low 16 bits, tied in the high (a piece has at
+    # most MAX_ROW < 2^16 lanes, so neither count carries into the other).
+    ranks = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
+    pos_above = placed_above + (ranks & 0xFFFF) - 1
+    pos_tied = n_above + placed_tied + (ranks >> 16) - 1
+    chosen = above | (tied & (pos_tied < K))
+    pos = tl.where(above, pos_above, pos_tied)
+    if HAS_IDX:
+        ids = tl.load(idx_row + slots.to(tl.int64) * stride_ic, mask=valid & chosen,
+                      other=0).to(tl.int64)
+    else:
+        ids = slots.to(tl.int64)
+    ids = tl.minimum(tl.maximum(ids, 0), T - 1)
+    tail_ids = (base + pos.to(tl.int64) - n) % T
+    ids = tl.where(valid, ids, tail_ids)
+    tl.store(out_val + pos, values, mask=chosen)
+    tl.store(out_idx + pos, ids, mask=chosen)
+    return tl.sum(above.to(tl.int32), axis=0), tl.sum(tied.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -31,7 +67,7 @@ def candidate_topk_kernel(
     rows_per_batch, n_cols, T, K,
     stride_vb, stride_vr, stride_ib, stride_ir, stride_ic, stride_ob, stride_or,
     HAS_COUNT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_LO: tl.constexpr,
-    HAS_TAIL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TAIL: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     r = tl.program_id(0)
     b = r // rows_per_batch
@@ -40,38 +76,30 @@ def candidate_topk_kernel(
     if HAS_COUNT:
         count = tl.load(count_ptr + r)
         n = tl.minimum(count, n_cols)
-    slots = tl.arange(0, BLOCK)
-    valid = slots < n
-    values = tl.load(val_ptr + b.to(tl.int64) * stride_vb + i.to(tl.int64) * stride_vr + slots,
-                     mask=valid, other=float("-inf"))
-    values = tl.where(values == values, values, float("-inf"))
-    keys = tl.where(valid, ordered_key(values), 0)
-    threshold, n_above = kth_largest(values, keys, K, BLOCK)
-
-    above = keys > threshold
-    tied = keys == threshold
-    # One scan ranks both groups: above in the low 16 bits, tied in the high (BLOCK <= MAX_ROW
-    # < 2^16, so neither count carries into the other).
-    ranks = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), axis=0)
-    pos_above = (ranks & 0xFFFF) - 1
-    pos_tied = n_above + (ranks >> 16) - 1
-    chosen = above | (tied & (pos_tied < K))
-    pos = tl.where(above, pos_above, pos_tied)
-
-    if HAS_IDX:
-        ids = tl.load(idx_ptr + b.to(tl.int64) * stride_ib + i.to(tl.int64) * stride_ir
-                      + slots.to(tl.int64) * stride_ic, mask=valid & chosen, other=0).to(tl.int64)
-    else:
-        ids = slots.to(tl.int64)
-    ids = tl.minimum(tl.maximum(ids, 0), T - 1)
+    row = val_ptr + b.to(tl.int64) * stride_vb + i.to(tl.int64) * stride_vr
+    idx_row = idx_ptr + b.to(tl.int64) * stride_ib + i.to(tl.int64) * stride_ir
+    out = b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or
     base = 0
     if HAS_TAIL:
         base = tl.load(tail_ptr + r).to(tl.int64)
-    tail_ids = (base + pos.to(tl.int64) - n) % T
-    ids = tl.where(valid, ids, tail_ids)
-    out_offset = b.to(tl.int64) * stride_ob + i.to(tl.int64) * stride_or + pos
-    tl.store(out_val_ptr + out_offset, values, mask=chosen)
-    tl.store(out_idx_ptr + out_offset, ids, mask=chosen)
+    zero = tl.zeros((), dtype=tl.int32)
+    offsets = tl.arange(0, CHUNK)
+    if CHUNK == BLOCK:
+        values, keys = row_chunk(row, offsets, n)
+        threshold, n_above = kth_largest(values, keys, K, BLOCK)
+        place_chunk(values, keys, offsets, n, threshold, n_above, zero, zero, K, T, idx_row,
+                    stride_ic, base, out_val_ptr + out, out_idx_ptr + out, HAS_IDX)
+    else:
+        threshold, n_above = streamed_kth_largest(row, n, K, BLOCK, CHUNK)
+        placed_above = zero
+        placed_tied = zero
+        for c0 in range(0, BLOCK, CHUNK):
+            values, keys = row_chunk(row, c0 + offsets, n)
+            piece_above, piece_tied = place_chunk(
+                values, keys, c0 + offsets, n, threshold, n_above, placed_above, placed_tied,
+                K, T, idx_row, stride_ic, base, out_val_ptr + out, out_idx_ptr + out, HAS_IDX)
+            placed_above += piece_above
+            placed_tied += piece_tied
 
     if HAS_COUNT:
         bad = count > n_cols
@@ -85,11 +113,12 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                    out_indices: torch.Tensor, *, ids: Optional[torch.Tensor] = None,
                    count: Optional[torch.Tensor] = None, lo: Optional[torch.Tensor] = None,
                    tail_base: Optional[torch.Tensor] = None,
-                   flags: Optional[torch.Tensor] = None) -> None:
+                   flags: Optional[torch.Tensor] = None, chunk: int = 0) -> None:
     """Top-k_top of each row of values [B, R, n] (unit column stride) into out_values/out_indices
     [B, R, >=k_top] (unit column stride, any row strides). ids [B, R, n] gives each entry's key id
     (default: its column); count [B*R] int32 the valid length of each row (default n); lo and
-    flags [B*R] enable the overflow / too-few check of candidate lists (flags int8)."""
+    flags [B*R] enable the overflow / too-few check of candidate lists (flags int8). chunk > 0
+    streams every row in pieces of that many lanes (a power of 2), whatever its width."""
     batch, rows, n_cols = values.shape
     assert values.stride(-1) == 1 and out_values.stride(-1) == 1 and out_indices.stride(-1) == 1
     assert out_values.stride() == out_indices.stride()
@@ -99,10 +128,14 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                          f"in-register limit of {MAX_ROW}")
     dummy = values
     istr = ids.stride() if ids is not None else (0, 0, 0)
-    # Measured on an H100 (8192 rows): 16 warps fastest for 4096 and 8192 entries (0.87 and
-    # 1.61 ms, against 1.15 and 2.17 with 4 and 8), 32 for 16384 (6.2 ms against 8.3 with 16).
-    # Shorter rows (router heads, short contexts) scale down with the row; not measured.
-    num_warps = max(4, min(16, block // 256)) if block <= 8192 else 32
+    if chunk <= 0:
+        chunk = block if block <= STREAM_ABOVE else STREAM_CHUNK
+    chunk = min(chunk, block)
+    # Measured on an H100 (8192 rows held in registers): 16 warps fastest for 4096 and 8192
+    # entries (0.87 and 1.61 ms, against 1.15 and 2.17 with 4 and 8), 32 for 16384 (6.2 ms,
+    # 8.3 with 16). Shorter rows (router heads, short contexts) scale down with the row, and
+    # streamed pieces take what a row of their width takes; neither measured.
+    num_warps = max(4, min(16, chunk // 256)) if chunk <= 8192 else 32
     wrap_triton(candidate_topk_kernel)[(batch * rows,)](
         values, ids if ids is not None else dummy, count if count is not None else dummy,
         lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,
@@ -111,4 +144,4 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
         values.stride(0), values.stride(1), istr[0], istr[1], istr[2],
         out_values.stride(0), out_values.stride(1),
         HAS_COUNT=count is not None, HAS_IDX=ids is not None, HAS_LO=lo is not None,
-        HAS_TAIL=tail_base is not None, BLOCK=block, num_warps=num_warps)
+        HAS_TAIL=tail_base is not None, BLOCK=block, CHUNK=chunk, num_warps=num_warps)

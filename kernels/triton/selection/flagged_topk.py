@@ -22,38 +22,23 @@ from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, ordered_key
-from .radix_select import BINS, pick_digit, radix_digit
+from ..common import INTERPRET
+from .radix_select import row_chunk, streamed_kth_largest_key
 from ..scoring.query_scores import query_operands, score_query_keys
-
-
-@triton.jit
-def _row_keys(row, cols, n_cols):
-    x = tl.load(row + cols, mask=cols < n_cols, other=float("-inf"))
-    x = tl.where(x == x, x, float("-inf"))
-    return x, tl.where(cols < n_cols, ordered_key(x), 0)
 
 
 @triton.jit
 def select_row_topk(row, n_cols, K, out_val, out_idx, BLOCK: tl.constexpr):
     """Exact top-K of the n_cols scores at `row` (column ids) into out_val / out_idx + slot."""
     offsets = tl.arange(0, BLOCK)
-    # Radix select streamed from memory: each pass sums the pieces' histograms. Lanes past
-    # n_cols have key 0 and are counted (as every lane is in radix_select).
-    lanes = tl.cdiv(n_cols, BLOCK) * BLOCK
-    threshold = tl.zeros((), dtype=tl.uint32)
-    n_above = tl.zeros((), dtype=tl.int32)
-    for p in tl.static_range(4):
-        hist = tl.zeros((BINS,), dtype=tl.int32)
-        for c0 in range(0, n_cols, BLOCK):
-            _, keys = _row_keys(row, c0 + offsets, n_cols)
-            hist += tl.histogram(radix_digit(keys, threshold, 24 - 8 * p), BINS)
-        threshold, n_above = pick_digit(hist, lanes, threshold, n_above, K, 24 - 8 * p)
+    # Lanes past n_cols (up to a whole piece) have key 0 and are counted, as in radix_select.
+    threshold, n_above = streamed_kth_largest_key(row, n_cols, K,
+                                                  tl.cdiv(n_cols, BLOCK) * BLOCK, BLOCK)
     placed_above = tl.zeros((), dtype=tl.int32)
     placed_tied = tl.zeros((), dtype=tl.int32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offsets
-        values, keys = _row_keys(row, cols, n_cols)
+        values, keys = row_chunk(row, cols, n_cols)
         above = (keys > threshold).to(tl.int32)
         tied = ((keys == threshold) & (cols < n_cols)).to(tl.int32)
         pos_above = placed_above + tl.cumsum(above, axis=0) - 1

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common import ordered_key
+
 BINS = tl.constexpr(256)
 # Distinct keys the exact finish of kth_largest walks down through before falling back.
 FINISH_STEPS = tl.constexpr(16)
@@ -111,4 +113,107 @@ def kth_largest(values, keys, k, LANES: tl.constexpr):
     above = above + tl.sum((in_final & (keys > cur)).to(tl.int32), axis=0)
     if at_or_above < need:
         cur, above = kth_largest_key(keys, k, LANES)
+    return cur, above
+
+
+@triton.jit
+def row_chunk(row, slots, n):
+    """(values, keys) of lanes `slots` of a row in memory: lanes >= n are padding (value -inf,
+    key 0), NaN is -inf."""
+    x = tl.load(row + slots, mask=slots < n, other=float("-inf"))
+    x = tl.where(x == x, x, float("-inf"))
+    return x, tl.where(slots < n, ordered_key(x), 0)
+
+
+@triton.jit
+def streamed_kth_largest_key(row, n, k, lanes, CHUNK: tl.constexpr):
+    """kth_largest_key over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes
+    >= n padding): each of the four passes sums the pieces' histograms."""
+    offsets = tl.arange(0, CHUNK)
+    prefix = tl.zeros((), dtype=tl.uint32)
+    above = tl.zeros((), dtype=tl.int32)
+    for p in tl.static_range(4):
+        hist = tl.zeros((BINS,), dtype=tl.int32)
+        for c0 in range(0, lanes, CHUNK):
+            _, keys = row_chunk(row, c0 + offsets, n)
+            hist += tl.histogram(radix_digit(keys, prefix, 24 - 8 * p), BINS)
+        prefix, above = pick_digit(hist, lanes, prefix, above, k, 24 - 8 * p)
+    return prefix, above
+
+
+@triton.jit
+def final_bins(values, vmin, scale, d1):
+    """(coarse bin, fine bin) of each lane as kth_largest bins them (fine: 255 above bin d1, 0
+    below it)."""
+    finite = tl.abs(values) < float("inf")
+    pos = (tl.where(finite, values, vmin) - vmin) * scale
+    coarse = value_bins(pos, values)
+    sub = value_bins((pos - d1.to(tl.float32)) * BINS, values)
+    return coarse, tl.where(coarse > d1, BINS - 1, tl.where(coarse < d1, 0, sub))
+
+
+@triton.jit
+def streamed_bin_max(row, n, lanes, vmin, scale, d1, d2, ceiling, CHUNK: tl.constexpr):
+    """(largest key below `ceiling` in the final bin (d1, d2), how many lanes hold it), streamed;
+    (0, lanes of the bin with key 0) when none is above 0."""
+    offsets = tl.arange(0, CHUNK)
+    best = tl.zeros((), dtype=tl.uint32)
+    count = tl.zeros((), dtype=tl.int32)
+    for c0 in range(0, lanes, CHUNK):
+        values, keys = row_chunk(row, c0 + offsets, n)
+        coarse, fine = final_bins(values, vmin, scale, d1)
+        take = (coarse == d1) & (fine == d2) & (keys < ceiling)
+        chunk_best = tl.max(tl.where(take, keys, 0), axis=0)
+        chunk_count = tl.sum((take & (keys == chunk_best)).to(tl.int32), axis=0)
+        count = tl.where(chunk_best > best, chunk_count,
+                         tl.where(chunk_best == best, count + chunk_count, count))
+        best = tl.maximum(best, chunk_best)
+    return best, count
+
+
+@triton.jit
+def streamed_kth_largest(row, n, k, lanes, CHUNK: tl.constexpr):
+    """kth_largest over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes >= n
+    padding): a pass for the value range, one per histogram, one per key the finish walks
+    through (usually one), kth_largest_key's four when the finish gives up."""
+    offsets = tl.arange(0, CHUNK)
+    vmax = tl.full((), float("-inf"), tl.float32)
+    vmin = tl.full((), float("inf"), tl.float32)
+    for c0 in range(0, lanes, CHUNK):
+        values, _ = row_chunk(row, c0 + offsets, n)
+        finite = tl.abs(values) < float("inf")
+        vmax = tl.maximum(vmax, tl.max(tl.where(finite, values, float("-inf")), axis=0))
+        vmin = tl.minimum(vmin, tl.min(tl.where(finite, values, float("inf")), axis=0))
+    span = vmax - vmin
+    spread = (span > 0) & (span < float("inf"))
+    scale = tl.where(spread, BINS / tl.where(spread, span, 1.0), 0.0)
+    zero = tl.zeros((), dtype=tl.uint32)
+    hist = tl.zeros((BINS,), dtype=tl.int32)
+    for c0 in range(0, lanes, CHUNK):
+        values, _ = row_chunk(row, c0 + offsets, n)
+        finite = tl.abs(values) < float("inf")
+        hist += tl.histogram(value_bins((tl.where(finite, values, vmin) - vmin) * scale, values),
+                             BINS)
+    digit, above = pick_digit(hist, lanes, zero, tl.zeros((), dtype=tl.int32), k, 0)
+    d1 = digit.to(tl.int32)
+    hist = tl.zeros((BINS,), dtype=tl.int32)
+    for c0 in range(0, lanes, CHUNK):
+        values, _ = row_chunk(row, c0 + offsets, n)
+        _, fine = final_bins(values, vmin, scale, d1)
+        hist += tl.histogram(fine, BINS)
+    digit, above = pick_digit(hist, lanes, zero, above, k, 0)
+    d2 = digit.to(tl.int32)
+    need = k - above
+    # Walk the final bin's distinct keys down from the top, as kth_largest does in registers.
+    cur, at_cur = streamed_bin_max(row, n, lanes, vmin, scale, d1, d2,
+                                   tl.full((), 0xFFFFFFFF, tl.uint32), CHUNK)
+    at_or_above = at_cur
+    steps = tl.zeros((), dtype=tl.int32)
+    while (at_or_above < need) & (steps < FINISH_STEPS):
+        cur, at_cur = streamed_bin_max(row, n, lanes, vmin, scale, d1, d2, cur, CHUNK)
+        at_or_above += at_cur
+        steps += 1
+    above = above + at_or_above - at_cur
+    if at_or_above < need:
+        cur, above = streamed_kth_largest_key(row, n, k, lanes, CHUNK)
     return cur, above
