@@ -6,7 +6,7 @@ candidates per query (gathered scoring against the same math on contiguous keys,
 top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
 64 sequences x 64K keys; MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
-bool mask against causal=True.
+bool mask against causal=True; the router's stages, and its scores kernel with other tiles.
 
     python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
@@ -27,6 +27,7 @@ from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.scoring.index_scores import index_scores
 from misa_compile.kernels.triton.scoring.query_scores import query_scores
 from misa_compile.kernels.triton.scoring.block_visibility import block_visibility
+from misa_compile.kernels.triton.scoring import router_scores as rs
 from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 from misa_compile.kernels.triton.launch.route_heads import route_heads
 from misa_compile.kernels.triton.selection.hidden_tails import hidden_tails
@@ -256,8 +257,35 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     out["decode.copy keys"] = ms(lambda: copy.copy_(k))
 
 
+def router(out, T=65536, H=64, h=8):
+    """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
+    queries, and router_scores with other (BLOCK_M, BLOCK_NB, warps) tiles than the default."""
+    default_tile = rs.router_tile
+    for S in (8192, 1024):
+        q, k, w = make_inputs(1, S, T, H)
+        kbar = pooled_keys(k, 1024)
+        scores = rs.router_scores(q, w, kbar, 1024, T, True, None, None)
+        top_scores = torch.empty(1, S, h, device="cuda")
+        heads = torch.empty(1, S, h, dtype=torch.int64, device="cuda")
+        out[f"router {S}.pooled_keys"] = ms(lambda: pooled_keys(k, 1024))
+        out[f"router {S}.top-h heads"] = ms(lambda: ct.candidate_topk(scores, h, H, top_scores,
+                                                                      heads))
+        out[f"router {S}.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None,
+                                                                None))
+        tiles = [default_tile(S), (32, 16, 8), (16, 32, 8), (16, 64, 8), (64, 64, 4),
+                 (64, 64, 8), (32, 64, 8)]
+        for tile in tiles:
+            rs.router_tile = lambda queries, tile=tile: tile
+            try:
+                out[f"router {S}.router_scores {tile}"] = ms(
+                    lambda: rs.router_scores(q, w, kbar, 1024, T, True, None, None))
+            finally:
+                rs.router_tile = default_tile
+
+
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
-                scoring=scoring, hier=hier_stages, masked=masked, wide=wide_rows)
+                scoring=scoring, hier=hier_stages, masked=masked, wide=wide_rows,
+                router=router)
 
 
 def main():

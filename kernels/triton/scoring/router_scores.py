@@ -149,6 +149,14 @@ def router_scores_kernel(
         tl.store(r_rows + j, r_j, mask=row_ok)
 
 
+def router_tile(queries: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_NB, num_warps) of router_scores for this many queries per sequence."""
+    if INTERPRET:
+        return 16, 16, 1
+    # Decode (few queries per sequence) takes the smallest tile the matrix units accept.
+    return (16 if queries <= 16 else 32), 64, 4
+
+
 def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_size: int, T: int,
                   causal: bool, key_start: Optional[torch.Tensor],
                   key_end: Optional[torch.Tensor],
@@ -163,11 +171,7 @@ def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_si
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     vstr = blocks_seen.stride() if blocks_seen is not None else (0, 0, 0)
-    if INTERPRET:
-        block_m, block_nb, warps = 16, 16, 1
-    else:
-        # Decode (few queries per sequence) takes the smallest tile the matrix units accept.
-        block_m, block_nb, warps = (16 if queries <= 16 else 32), 64, 4
+    block_m, block_nb, warps = router_tile(queries)
     row_blocks = triton.cdiv(queries, block_m)
     # The heads are independent: split them over programs until the card is full (the loop over
     # heads is latency-bound, so few queries would otherwise leave most SMs idle).
