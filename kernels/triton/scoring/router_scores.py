@@ -153,8 +153,11 @@ def router_tile(queries: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_NB, num_warps) of router_scores for this many queries per sequence."""
     if INTERPRET:
         return 16, 16, 1
-    # Decode (few queries per sequence) takes the smallest tile the matrix units accept.
-    return (16 if queries <= 16 else 32), 64, 4
+    # Decode (few queries per sequence) takes the smallest tile the matrix units accept; prefill
+    # takes 64 query rows, which reload the pooled keys half as often as 32 (H100, 64K keys:
+    # 0.376 against 0.412 ms at 8192 queries, 0.054 against 0.062 at 1024; profile_stages.py
+    # --only router; 8 warps or 16-32 block tiles were slower).
+    return (16 if queries <= 16 else 32 if queries <= 32 else 64), 64, 4
 
 
 def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_size: int, T: int,
