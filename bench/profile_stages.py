@@ -6,7 +6,8 @@ candidates per query (gathered scoring against the same math on contiguous keys,
 top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
 64 sequences x 64K keys; MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
-bool mask against causal=True; the router's stages, and its scores kernel with other tiles.
+bool mask against causal=True; the router's stages, and its scores kernel with other tiles;
+MISA's stages and the decode ops with FP8 inputs against bf16.
 
     python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
@@ -30,9 +31,10 @@ from misa_compile.kernels.triton.scoring.block_visibility import block_visibilit
 from misa_compile.kernels.triton.scoring import router_scores as rs
 from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 from misa_compile.kernels.triton.launch.route_heads import route_heads
+from misa_compile.kernels.triton.launch.scored_topk import gather_routed
 from misa_compile.kernels.triton.selection.hidden_tails import hidden_tails
 from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
-from workloads import make_inputs
+from workloads import make_inputs, quantize_fp8
 
 
 def ms(fn):
@@ -283,9 +285,53 @@ def router(out, T=65536, H=64, h=8):
                 rs.router_tile = default_tile
 
 
+def fp8_against_bf16(out, T=65536, H=64, h=8, K=2048):
+    """MISA h=8 stage by stage with bf16 inputs and with their FP8 e4m3 quantization (q_scale
+    folded into w, k_scale per key, as the op launches them), at 1024 and 8192 queries; then
+    decode at 64 sequences, per-query scoring and the whole ops."""
+    ops = torch.ops.misa
+    for S in (1024, 8192):
+        q, k, w = make_inputs(1, S, T, H)
+        q8, k8, q_scale, k_scale = quantize_fp8(q, k)
+        forms = {"bf16": (q, k, w, None, None), "fp8": (q8, k8, w, q_scale, k_scale)}
+        for form, (qq, kk, ww, qs, ks) in forms.items():
+            name = f"fp8 {S}x64K {form}."
+            w_eff = ww if qs is None else ww.float() * qs
+            out[name + "route_heads"] = ms(lambda: route_heads(qq, kk, w_eff, h, 1024, True, None,
+                                                               None, k_scale=ks))
+            heads = route_heads(qq, kk, w_eff, h, 1024, True, None, None, k_scale=ks)
+            out[name + "gather"] = ms(lambda: gather_routed(qq, w_eff, heads))
+            q_r, w_r = gather_routed(qq, w_eff, heads)
+            vis = dict(causal=True, key_start=None, key_end=None, scale=1.0, k_scale=ks)
+            fused_emit_path(q_r, kk, w_r, vis, K=K, out=out, prefix=name)
+            out[name + "op routed_topk"] = ms(lambda: ops.routed_topk(
+                qq, kk, ww, heads, K, 1.0, True, q_scale=qs, k_scale=ks))
+            out[name + "op dense_topk"] = ms(lambda: ops.dense_topk(
+                qq, kk, ww, K, 1.0, True, q_scale=qs, k_scale=ks))
+        del q, k, w, q8, k8, forms
+        torch.cuda.empty_cache()
+    q, k, w = make_inputs(64, 1, T, H)
+    q8, k8, q_scale, k_scale = quantize_fp8(q, k)
+    scores = torch.empty(64, 1, T, device="cuda")
+    for form, (qq, kk, ww, qs, ks) in {"bf16": (q, k, w, None, None),
+                                       "fp8": (q8, k8, w, q_scale, k_scale)}.items():
+        name = f"fp8 decode 64x64K {form}."
+        w_eff = ww if qs is None else ww.float() * qs
+        vis = dict(causal=True, key_start=None, key_end=None, scale=1.0, k_scale=ks)
+        out[name + "query_scores dense"] = ms(lambda: query_scores(qq, kk, w_eff, scores, rows=1,
+                                                                   row0=0, **vis))
+        heads = route_heads(qq, kk, w_eff, h, 1024, True, None, None, k_scale=ks)
+        out[name + "route_heads"] = ms(lambda: route_heads(qq, kk, w_eff, h, 1024, True, None,
+                                                           None, k_scale=ks))
+        out[name + "op dense_topk"] = ms(lambda: ops.dense_topk(qq, kk, ww, K, 1.0, True,
+                                                                q_scale=qs, k_scale=ks))
+        out[name + "op routed_topk"] = ms(lambda: ops.routed_topk(qq, kk, ww, heads, K, 1.0,
+                                                                  True, q_scale=qs, k_scale=ks))
+
+
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
                 scoring=scoring, hier=hier_stages, masked=masked, wide=wide_rows,
-                router=router)
+                router=router, fp8=fp8_against_bf16)
 
 
 def main():
