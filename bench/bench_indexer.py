@@ -32,6 +32,9 @@ import triton
 import misa_compile  # noqa: F401
 from misa_compile.config import MisaConfig
 from misa_compile.kernels import indexer_topk
+from misa_compile.kernels.triton.scoring.index_scores import _tuned_emit as index_scores_emit
+from misa_compile.kernels.triton.scoring.index_scores import _tuned_full as index_scores_full
+from misa_compile.kernels.triton.selection.compact_rows import _tuned_kernel as compact_rows_tuned
 from misa_compile.kernels.triton.selection.row_topk import topk_rows
 from workloads import hf_indexer_topk, make_inputs, quantize_fp8, recall, visible_pairs
 
@@ -330,6 +333,21 @@ def table(device, ceilings, rows, topk_rows_):
     return "\n".join(lines)
 
 
+def tuned_configs() -> dict:
+    """The config each autotuned kernel picked, per tuning key, in this process (a key holds
+    no row count, so the first shape to reach a key decides its config for the later ones)."""
+    tuners = {"index_scores FULL": index_scores_full, "index_scores EMIT": index_scores_emit,
+              "compact_rows": compact_rows_tuned}
+    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
+            for name, tuner in tuners.items()}
+
+
+def write_results(path, device, ceilings, topk, rows):
+    with open(path, "w") as fh:
+        json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows,
+                       tuned=tuned_configs()), fh, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 64K prefill shapes")
@@ -350,8 +368,7 @@ def main():
     topk = bench_topk_alone()
     rows = []
     if args.topk_only:
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
+        write_results(args.out, device, ceilings, topk, rows)
         print(table(device, ceilings, rows, topk), flush=True)
         return
     wanted = None if args.only is None else {label.strip() for label in args.only.split(",")}
@@ -362,8 +379,7 @@ def main():
             spec = spec[:5] + (False, False)
         rows += bench_shape(*spec, variants=None if args.variants is None
                             else {v.strip() for v in args.variants.split(",")})
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=device, ceilings=ceilings, topk=topk, rows=rows), fh, indent=1)
+        write_results(args.out, device, ceilings, topk, rows)
     print(table(device, ceilings, rows, topk), flush=True)
 
 
