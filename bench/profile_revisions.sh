@@ -1,0 +1,18 @@
+#!/bin/bash
+# profile_stages.py sections of several revisions, one after the other on this card, from the
+# importable copies that bench/revision_trees.sh made (run that where git is; this where the GPU
+# is):
+#
+#     bash bench/profile_revisions.sh DEST SECTIONS REV [REV ...]
+#
+# e.g. `bash bench/profile_revisions.sh ab router main router-rows`. Each revision runs in its own
+# process; its output goes to DEST/REV.SECTIONS.log (SECTIONS with commas as dots) and its last
+# line (the JSON of its times) is printed after the revision's name.
+set -uo pipefail
+dest=$(cd "$1" && pwd); sections=$2; shift 2
+for rev in "$@"; do
+    log="$dest/$rev.${sections//,/.}.log"
+    (cd "$dest/$rev/src" && PYTHONPATH=../py:bench python3 bench/profile_stages.py \
+        --only "$sections" >"$log" 2>&1)
+    echo "$rev (exit $?): $(tail -n 1 "$log")"
+done
