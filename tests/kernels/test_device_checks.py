@@ -107,3 +107,25 @@ def test_paged_decode_clamps_and_poisons_bad_lengths_and_pages():
     want = torch_impl.paged_decode_topk(q, k_cache, w, table, seq_lens, 6, 0, 8, 1.0)
     for b in (0, 3):
         same_rows((values[b], indices[b]), (want[0][b], want[1][b]))
+
+
+BAD_SCALES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0]
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES, ids=str)
+def test_every_bad_scale_value_is_a_fault_of_its_row_only(bad):
+    # Pure torch, so it runs with or without the interpreter. Edge values that are fine: the
+    # smallest subnormal and the largest finite fp32.
+    from misa_compile.kernels.triton.launch.device_checks import scale_faults
+    q_scale = torch.rand(2, 5, 3) + 0.5
+    q_scale[0, 1, 0] = torch.finfo(torch.float32).tiny / 2 ** 23
+    q_scale[1, 2, 1] = torch.finfo(torch.float32).max
+    k_scale = torch.rand(2, 7) + 0.5
+    assert not scale_faults(q_scale, k_scale).any()
+    q_scale[1, 3, 2] = bad
+    faults = scale_faults(q_scale, None)
+    assert faults.shape == (2, 5) and faults.nonzero().tolist() == [[1, 3]]
+    k_scale[0, 6] = bad
+    per_sequence = scale_faults(None, k_scale)
+    assert per_sequence.tolist() == [[True], [False]]
+    assert scale_faults(q_scale, k_scale).tolist() == [[True] * 5, [False] * 3 + [True, False]]
