@@ -23,7 +23,7 @@ from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from ..common import next_pow2
+from ..common import INTERPRET, next_pow2
 from .radix_select import kth_largest, row_chunk, streamed_kth_largest
 
 MAX_ROW = 16384
@@ -83,17 +83,23 @@ def candidate_topk_kernel(
     if HAS_TAIL:
         base = tl.load(tail_ptr + r).to(tl.int64)
     zero = tl.zeros((), dtype=tl.int32)
-    offsets = tl.arange(0, CHUNK)
-    if CHUNK == BLOCK:
+    if CHUNK >= BLOCK:
+        offsets = tl.arange(0, BLOCK)
         values, keys = row_chunk(row, offsets, n)
         threshold, n_above = kth_largest(values, keys, K, BLOCK)
         place_chunk(values, keys, offsets, n, threshold, n_above, zero, zero, K, T, idx_row,
                     stride_ic, base, out_val_ptr + out, out_idx_ptr + out, HAS_IDX)
     else:
-        threshold, n_above = streamed_kth_largest(row, n, K, BLOCK, CHUNK)
+        offsets = tl.arange(0, CHUNK)
+        # Only the pieces that hold entries or output slots are visited: a candidate list is
+        # mostly shorter than its capacity (about 2800 of 4096 at k = 2048). Padding lanes past
+        # them are key 0 and would only add to bin 0, which no answer depends on (the lanes
+        # visited are at least k).
+        lanes = tl.minimum(tl.cdiv(tl.maximum(n, K), CHUNK) * CHUNK, BLOCK)
+        threshold, n_above = streamed_kth_largest(row, n, K, lanes, CHUNK)
         placed_above = zero
         placed_tied = zero
-        for c0 in range(0, BLOCK, CHUNK):
+        for c0 in range(0, lanes, CHUNK):
             values, keys = row_chunk(row, c0 + offsets, n)
             piece_above, piece_tied = place_chunk(
                 values, keys, c0 + offsets, n, threshold, n_above, placed_above, placed_tied,
@@ -109,6 +115,40 @@ def candidate_topk_kernel(
         tl.store(flag_ptr + r, bad.to(tl.int8))
 
 
+def _default_warps(chunk: int) -> int:
+    """Warps of a program holding `chunk` lanes, where no tuner runs. Measured on an H100 (8192
+    rows held in registers): 16 warps fastest for 4096 and 8192 entries (0.87 and 1.61 ms,
+    against 1.15 and 2.17 with 4 and 8), 32 for 16384 (6.2 ms, 8.3 with 16). Shorter rows
+    (router heads, short contexts) scale down with the row."""
+    return max(4, min(16, chunk // 256)) if chunk <= STREAM_ABOVE else 32
+
+
+# Many rows (prefill chunks, re-rank, top-k alone) are tuned between a row in registers with
+# many warps (each step fast, one program an SM) and a row streamed from memory (L2, where the
+# lists were just written) in small pieces by one to four warps (each step slower, but many
+# programs an SM overlap their histogram and scan latencies). Few rows (decode, the router's
+# heads) keep the row in registers: they need the parallelism inside the row, and a tuning run
+# would break a CUDA graph capture that is the first call. The tuners key on the row width and
+# on what the call reads and writes, not on the row count (the widths of causal chunks vary).
+TUNED_ROWS = 512
+TUNED_WIDTH = 1024
+IN_REGISTERS = MAX_ROW  # a CHUNK of at least BLOCK holds the row in registers
+_KEY = ["BLOCK", "HAS_COUNT", "HAS_IDX", "HAS_LO", "HAS_TAIL"]
+_STREAMED = [(256, 1), (512, 1), (512, 2), (1024, 4)]
+
+
+def _configs(pieces):
+    return [triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in pieces]
+
+
+_tuned_short = triton.autotune(
+    configs=_configs([(IN_REGISTERS, 4), (IN_REGISTERS, 8), (IN_REGISTERS, 16)] + _STREAMED),
+    key=_KEY)(candidate_topk_kernel)
+# Rows wider than STREAM_ABOVE spill when held in registers (measured 3.9x the time of 8192).
+_tuned_wide = triton.autotune(configs=_configs(_STREAMED + [(2048, 8), (STREAM_CHUNK, 16)]),
+                              key=_KEY)(candidate_topk_kernel)
+
+
 def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.Tensor,
                    out_indices: torch.Tensor, *, ids: Optional[torch.Tensor] = None,
                    count: Optional[torch.Tensor] = None, lo: Optional[torch.Tensor] = None,
@@ -118,7 +158,8 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
     [B, R, >=k_top] (unit column stride, any row strides). ids [B, R, n] gives each entry's key id
     (default: its column); count [B*R] int32 the valid length of each row (default n); lo and
     flags [B*R] enable the overflow / too-few check of candidate lists (flags int8). chunk > 0
-    streams every row in pieces of that many lanes (a power of 2), whatever its width."""
+    streams every row in pieces of that many lanes (a power of 2), whatever its width, with
+    no tuning (chunk >= the row's padded width holds it in registers)."""
     batch, rows, n_cols = values.shape
     assert values.stride(-1) == 1 and out_values.stride(-1) == 1 and out_indices.stride(-1) == 1
     assert out_values.stride() == out_indices.stride()
@@ -128,20 +169,21 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                          f"in-register limit of {MAX_ROW}")
     dummy = values
     istr = ids.stride() if ids is not None else (0, 0, 0)
+    args = (values, ids if ids is not None else dummy, count if count is not None else dummy,
+            lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,
+            out_values, out_indices, flags if flags is not None else dummy,
+            rows, n_cols, T, k_top,
+            values.stride(0), values.stride(1), istr[0], istr[1], istr[2],
+            out_values.stride(0), out_values.stride(1))
+    meta = dict(HAS_COUNT=count is not None, HAS_IDX=ids is not None, HAS_LO=lo is not None,
+                HAS_TAIL=tail_base is not None, BLOCK=block)
+    grid = (batch * rows,)
+    if chunk <= 0 and batch * rows >= TUNED_ROWS and block >= TUNED_WIDTH and not INTERPRET:
+        tuner = _tuned_wide if block > STREAM_ABOVE else _tuned_short
+        wrap_triton(tuner)[grid](*args, **meta)
+        return
     if chunk <= 0:
         chunk = block if block <= STREAM_ABOVE else STREAM_CHUNK
     chunk = min(chunk, block)
-    # Measured on an H100 (8192 rows held in registers): 16 warps fastest for 4096 and 8192
-    # entries (0.87 and 1.61 ms, against 1.15 and 2.17 with 4 and 8), 32 for 16384 (6.2 ms,
-    # 8.3 with 16). Shorter rows (router heads, short contexts) scale down with the row, and
-    # streamed pieces take what a row of their width takes; neither measured.
-    num_warps = max(4, min(16, chunk // 256)) if chunk <= 8192 else 32
-    wrap_triton(candidate_topk_kernel)[(batch * rows,)](
-        values, ids if ids is not None else dummy, count if count is not None else dummy,
-        lo if lo is not None else dummy, tail_base if tail_base is not None else dummy,
-        out_values, out_indices, flags if flags is not None else dummy,
-        rows, n_cols, T, k_top,
-        values.stride(0), values.stride(1), istr[0], istr[1], istr[2],
-        out_values.stride(0), out_values.stride(1),
-        HAS_COUNT=count is not None, HAS_IDX=ids is not None, HAS_LO=lo is not None,
-        HAS_TAIL=tail_base is not None, BLOCK=block, CHUNK=chunk, num_warps=num_warps)
+    wrap_triton(candidate_topk_kernel)[grid](*args, **meta, CHUNK=chunk,
+                                             num_warps=_default_warps(chunk))
