@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 if torch.cuda.is_available():
     from misa_compile.kernels.triton.launch.scored_topk import scored_topk
+    from misa_compile.kernels.triton.selection import candidate_topk as ct
     from misa_compile.kernels.triton.selection.candidate_topk import candidate_topk
     from misa_compile.kernels.triton.selection.row_topk import topk_rows
     from misa_compile.kernels.triton.selection.sample_threshold import sample_threshold
@@ -80,6 +81,59 @@ def test_candidate_topk_on_hard_rows(n, k_top):
     indices = torch.empty(1, 12, k_top, dtype=torch.int64, device="cuda")
     candidate_topk(x, k_top, n, values, indices)
     assert_topk(x, k_top, values, indices)
+
+
+def candidate_lists(rows, capacity, k_top, gen):
+    """Candidate lists as index_scores EMIT leaves them: hard rows (tiled to `rows`), distinct
+    key ids (one permutation for every row), and valid counts from under k to past the
+    capacity (those lists are flagged)."""
+    x = hard_rows(capacity, gen).repeat(-(-rows // 12), 1)[:rows][None].contiguous()
+    perm = torch.randperm(1 << 20, generator=gen, device="cuda")[:capacity]
+    ids = perm.int().repeat(rows, 1)[None].contiguous()
+    count = torch.randint(k_top // 2, capacity + 64, (rows,), generator=gen, device="cuda",
+                          dtype=torch.int32)
+    return x, ids, count, perm
+
+
+def assert_list_topk(x, perm, count, k_top, values, indices, flags):
+    """Each row's selection is a top-k of its first min(count, capacity) entries (padded with
+    -inf where fewer); every finite slot holds the id of a distinct valid entry of that value;
+    rows with a count past the capacity or under k are flagged (lo is finite)."""
+    capacity = x.shape[-1]
+    valid = torch.arange(capacity, device="cuda")[None] < count[:, None]
+    hidden = x[0].masked_fill(x[0].isnan() | ~valid, NEG_INF)
+    assert torch.equal(values[0].sort(-1).values,
+                       hidden.topk(k_top, dim=-1).values.sort(-1).values)
+    position = torch.full((1 << 20,), -1, dtype=torch.int64, device="cuda")
+    position[perm] = torch.arange(capacity, device="cuda")
+    finite = values[0] > NEG_INF
+    slot = position[indices[0].clamp(0, (1 << 20) - 1)]
+    assert ((slot >= 0) | ~finite).all()
+    slot = slot.clamp(min=0)
+    assert (valid.gather(1, slot) | ~finite).all()
+    assert torch.equal(hidden.gather(1, slot)[finite], values[0][finite])
+    ordered = torch.where(finite, slot, -1 - torch.arange(k_top, device="cuda")).sort(-1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all()
+    assert torch.equal(flags.bool(), (count > capacity) | (count < k_top))
+
+
+@pytest.mark.parametrize("capacity,k_top", [(4096, K_TOP), (8192, K_TOP), (MAX_ROW, 8192)])
+def test_candidate_topk_every_tuned_config_on_many_lists(capacity, k_top):
+    """The many-rows path (tuned) and each of its configs launched alone, on 1024 lists."""
+    gen = torch.Generator(device="cuda").manual_seed(capacity + k_top)
+    rows = 1024
+    x, ids, count, perm = candidate_lists(rows, capacity, k_top, gen)
+    lo = torch.zeros(rows, device="cuda")
+    tuner = ct._tuned_wide if capacity > ct.STREAM_ABOVE else ct._tuned_short
+    launches = [dict()] + [dict(chunk=c.kwargs["CHUNK"], num_warps=c.num_warps)
+                           for c in tuner.configs]
+    for launch in launches:
+        values = torch.full((1, rows, k_top), 5.0, device="cuda")
+        indices = torch.full((1, rows, k_top), -7, dtype=torch.int64, device="cuda")
+        flags = torch.full((rows,), 3, dtype=torch.int8, device="cuda")
+        candidate_topk(x, k_top, 1 << 20, values, indices, ids=ids, count=count, lo=lo,
+                       flags=flags, **launch)
+        assert_list_topk(x, perm, count, k_top, values, indices, flags)
 
 
 @pytest.mark.parametrize("n_sample,rank", [(8192, 175), (4096, 4096), (5000, 1)])

@@ -153,13 +153,15 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
                    out_indices: torch.Tensor, *, ids: Optional[torch.Tensor] = None,
                    count: Optional[torch.Tensor] = None, lo: Optional[torch.Tensor] = None,
                    tail_base: Optional[torch.Tensor] = None,
-                   flags: Optional[torch.Tensor] = None, chunk: int = 0) -> None:
+                   flags: Optional[torch.Tensor] = None, chunk: int = 0,
+                   num_warps: int = 0) -> None:
     """Top-k_top of each row of values [B, R, n] (unit column stride) into out_values/out_indices
     [B, R, >=k_top] (unit column stride, any row strides). ids [B, R, n] gives each entry's key id
     (default: its column); count [B*R] int32 the valid length of each row (default n); lo and
     flags [B*R] enable the overflow / too-few check of candidate lists (flags int8). chunk > 0
     streams every row in pieces of that many lanes (a power of 2), whatever its width, with
-    no tuning (chunk >= the row's padded width holds it in registers)."""
+    no tuning (chunk >= the row's padded width holds it in registers), and with num_warps warps
+    a program when given (a tuner's config, launched alone)."""
     batch, rows, n_cols = values.shape
     assert values.stride(-1) == 1 and out_values.stride(-1) == 1 and out_indices.stride(-1) == 1
     assert out_values.stride() == out_indices.stride()
@@ -186,4 +188,4 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
         chunk = block if block <= STREAM_ABOVE else STREAM_CHUNK
     chunk = min(chunk, block)
     wrap_triton(candidate_topk_kernel)[grid](*args, **meta, CHUNK=chunk,
-                                             num_warps=_default_warps(chunk))
+                                             num_warps=num_warps or _default_warps(chunk))
