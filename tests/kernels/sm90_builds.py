@@ -37,6 +37,7 @@ from misa_compile.kernels.triton.launch.paged_pooled_keys import paged_pooled_ke
 from misa_compile.kernels.triton.launch.rerank_topk import rerank_topk_op  # noqa: E402
 from misa_compile.kernels.triton.launch.route_heads import route_heads_op  # noqa: E402
 from misa_compile.kernels.triton.launch.routed_topk import routed_topk_op  # noqa: E402
+from misa_compile.kernels.triton.selection.candidate_topk import candidate_topk  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 # Largest dynamic shared memory of one H100 block (227 KiB).
@@ -98,6 +99,15 @@ def record_launches() -> list:
         hisa_candidates_op(q, k, w, 128, 16, *vis)
     candidates = torch.randint(0, T, (1, S, 4096), generator=gen)
     rerank_topk_op(q, k, w, candidates, K, 1.0, True, *none3)
+    # Many candidate lists at once (every config of the tuners of prefill chunks), of MISA's
+    # width and MISA-hierarchical's.
+    for width, k_top in ((4096, K), (16384, 8192)):
+        lists = torch.randn(1, 512, width, generator=gen)
+        candidate_topk(lists, k_top, T, torch.zeros(1, 512, k_top),
+                       torch.zeros(1, 512, k_top, dtype=torch.int64),
+                       ids=torch.zeros(1, 512, width, dtype=torch.int32),
+                       count=torch.zeros(512, dtype=torch.int32), lo=torch.zeros(512),
+                       flags=torch.zeros(512, dtype=torch.int8))
     # Every key row of a short context at once (the direct path), and fp32 / FP8 inputs.
     dense_topk_op(*inputs(1, 64, 3000), K, 1.0, True, *none3)
     dense_topk_op(*inputs(1, S, T, dtype=torch.float32), K, 1.0, True, *none3)
