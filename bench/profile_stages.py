@@ -345,9 +345,8 @@ def main():
         if name.strip() == "topk":
             print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
         torch.cuda.empty_cache()
-    for tuner in ("_tuned_short", "_tuned_wide"):
-        for key, config in getattr(ct, tuner).cache.items():
-            print(f"candidate_topk {tuner} {key}: {config}", flush=True)
+    for key, config in ct._tuned.cache.items():
+        print(f"candidate_topk best config for {key[:5]}: {config}", flush=True)
     for key, value in out.items():
         print(f"{key:60s} {value:9.3f}", flush=True)
     print(json.dumps(out))
