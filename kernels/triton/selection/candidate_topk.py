@@ -1,11 +1,12 @@
 """Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores).
 The k-th largest ordered key is found by two histogram passes over the row's value range and an
 exact finish (radix_select.kth_largest), then the entries above it, and as many ties as still
-fit, are written to their output slots by a prefix sum. Output order is unspecified. Rows of up
-to STREAM_ABOVE lanes are held in registers; wider ones (MISA-hierarchical's lists of 8192
-candidates, 16384 lanes) are streamed from memory in pieces of CHUNK lanes, one pass per step,
-so that a program's registers hold one piece: 16384 lanes in one program's registers measured
-3.9x the time of 8192 (spilling), where the work only doubles.
+fit, are written to their output slots by a prefix sum. Output order is unspecified. A row is
+either held in registers or streamed from memory in pieces of CHUNK lanes, one pass per step, so
+that a program's registers hold one piece. Wider rows than STREAM_ABOVE (MISA-hierarchical's
+lists of 8192 candidates, 16384 lanes) always stream: 16384 lanes in one program's registers
+measured 3.9x the time of 8192 (spilling), where the work only doubles. Many narrower rows are
+tuned between the two (see _tuned below); few are held in registers.
 
 Rows shorter than k are padded with -inf entries whose key ids are in range but meaningless:
 (tail_base[row] + slot - n) mod T, which are hidden keys when tail_base is the end of the row's
