@@ -137,7 +137,7 @@ def _default_warps(chunk: int) -> int:
 TUNED_ROWS = 512
 TUNED_WIDTH = 1024
 IN_REGISTERS = MAX_ROW  # a CHUNK of at least BLOCK holds the row in registers
-_STREAMED = ((256, 1), (512, 1), (512, 2), (1024, 4))
+_STREAMED = ((256, 1), (512, 1), (512, 2), (1024, 4), (2048, 4), (2048, 8))
 
 
 def _tuner(pieces):
