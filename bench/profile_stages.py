@@ -384,8 +384,9 @@ def main():
         if name.strip() == "topk":
             print("compact_rows best config:", compact_rows_tuned.best_config, flush=True)
         torch.cuda.empty_cache()
-    for key, config in ct._tuned.cache.items():
-        print(f"candidate_topk best config for {key[:5]}: {config}", flush=True)
+    for tuner in (ct._tuned, ct._tuned_wide):
+        for key, config in tuner.cache.items():
+            print(f"candidate_topk best config for {key[:5]}: {config}", flush=True)
     for key, value in out.items():
         print(f"{key:60s} {value:9.3f}", flush=True)
     print(json.dumps(out))

@@ -119,14 +119,12 @@ def assert_list_topk(x, perm, count, k_top, values, indices, flags):
 
 @pytest.mark.parametrize("capacity,k_top", [(4096, K_TOP), (8192, K_TOP), (MAX_ROW, 8192)])
 def test_candidate_topk_every_tuned_config_on_many_lists(capacity, k_top):
-    """The many-rows path (tuned up to STREAM_ABOVE lanes) and each of its configs launched
-    alone, on 1024 lists."""
+    """The many-rows path (tuned) and each of its configs launched alone, on 1024 lists."""
     gen = torch.Generator(device="cuda").manual_seed(capacity + k_top)
     rows = 1024
     x, ids, count, perm = candidate_lists(rows, capacity, k_top, gen)
     lo = torch.zeros(rows, device="cuda")
-    # Lists wider than STREAM_ABOVE take one untuned launch.
-    configs = ct._tuned.configs if capacity <= ct.STREAM_ABOVE else []
+    configs = (ct._tuned if capacity <= ct.STREAM_ABOVE else ct._tuned_wide).configs
     launches = [dict()] + [dict(chunk=c.kwargs["CHUNK"], num_warps=c.num_warps)
                            for c in configs]
     for launch in launches:

@@ -99,8 +99,9 @@ def record_launches() -> list:
         hisa_candidates_op(q, k, w, 128, 16, *vis)
     candidates = torch.randint(0, T, (1, S, 4096), generator=gen)
     rerank_topk_op(q, k, w, candidates, K, 1.0, True, *none3)
-    # Many candidate lists at once (every config of the tuner of prefill chunks).
-    for width, k_top in ((4096, K), (8192, K)):
+    # Many candidate lists at once (every config of the tuners of prefill chunks), of MISA's
+    # width and MISA-hierarchical's.
+    for width, k_top in ((4096, K), (16384, 8192)):
         lists = torch.randn(1, 512, width, generator=gen)
         candidate_topk(lists, k_top, T, torch.zeros(1, 512, k_top),
                        torch.zeros(1, 512, k_top, dtype=torch.int64),

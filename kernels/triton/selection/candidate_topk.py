@@ -132,17 +132,23 @@ def _default_warps(chunk: int) -> int:
 # held in registers by 16 warps, 0.68 ms streamed in pieces of 1024 by 4 warps (the pick).
 # Few rows (decode, the router's heads) keep the row in registers: they need the parallelism
 # inside the row, and a tuning run would break a CUDA graph capture that is the first call.
-# Wider rows stream in pieces of STREAM_CHUNK by 16 warps, untuned (not yet timed otherwise).
-# The tuner keys on the row width and on what the call reads and writes, not on the row count
+# Wider rows (MISA-hierarchical's lists) always stream: their tuner tries few warps against
+# pieces of STREAM_CHUNK by 16 warps (the untuned launch). The tuners key on the row width and on what the call reads and writes, not on the row count
 # (the heights of causal chunks vary).
 TUNED_ROWS = 512
 TUNED_WIDTH = 1024
 IN_REGISTERS = MAX_ROW  # a CHUNK of at least BLOCK holds the row in registers
-_tuned = triton.autotune(
-    configs=[triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in (
-        (IN_REGISTERS, 4), (IN_REGISTERS, 8), (IN_REGISTERS, 16),
-        (256, 1), (512, 1), (512, 2), (1024, 4))],
-    key=["BLOCK", "HAS_COUNT", "HAS_IDX", "HAS_LO", "HAS_TAIL"])(candidate_topk_kernel)
+_STREAMED = ((256, 1), (512, 1), (512, 2), (1024, 4), (2048, 4), (2048, 8))
+
+
+def _tuner(pieces):
+    return triton.autotune(
+        configs=[triton.Config({"CHUNK": chunk}, num_warps=warps) for chunk, warps in pieces],
+        key=["BLOCK", "HAS_COUNT", "HAS_IDX", "HAS_LO", "HAS_TAIL"])(candidate_topk_kernel)
+
+
+_tuned = _tuner(((IN_REGISTERS, 4), (IN_REGISTERS, 8), (IN_REGISTERS, 16)) + _STREAMED)
+_tuned_wide = _tuner(_STREAMED + ((STREAM_CHUNK, 16),))
 
 
 def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.Tensor,
@@ -176,9 +182,8 @@ def candidate_topk(values: torch.Tensor, k_top: int, T: int, out_values: torch.T
     meta = dict(HAS_COUNT=count is not None, HAS_IDX=ids is not None, HAS_LO=lo is not None,
                 HAS_TAIL=tail_base is not None, BLOCK=block)
     grid = (batch * rows,)
-    tuned = TUNED_WIDTH <= block <= STREAM_ABOVE and batch * rows >= TUNED_ROWS
-    if chunk <= 0 and tuned and not INTERPRET:
-        wrap_triton(_tuned)[grid](*args, **meta)
+    if chunk <= 0 and block >= TUNED_WIDTH and batch * rows >= TUNED_ROWS and not INTERPRET:
+        wrap_triton(_tuned if block <= STREAM_ABOVE else _tuned_wide)[grid](*args, **meta)
         return
     if chunk <= 0:
         chunk = block if block <= STREAM_ABOVE else STREAM_CHUNK
