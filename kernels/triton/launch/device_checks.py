@@ -53,11 +53,13 @@ def either(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[tor
 def poison_selection(values: torch.Tensor, indices: torch.Tensor,
                      faults: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """values NaN and indices -1 in the rows (leading dims of the selection) where faults is
-    set; faults broadcasts to the selection's leading dims."""
+    set; faults broadcasts to the selection's leading dims. In place: the selection is always
+    the op's own fresh output, and an out-of-place fill would first copy all of it (at 8192
+    queries x 8192 candidates, 768 MiB)."""
     if faults is None:
         return values, indices
     faults = faults[..., None]
-    return values.masked_fill(faults, float("nan")), indices.masked_fill(faults, -1)
+    return values.masked_fill_(faults, float("nan")), indices.masked_fill_(faults, -1)
 
 
 def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tensor:
@@ -66,4 +68,4 @@ def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tenso
     [0, H); rerank_topk checks the same scales as hisa_candidates."""
     if faults is None:
         return ids
-    return ids.masked_fill(faults[..., None], -1)
+    return ids.masked_fill_(faults[..., None], -1)  # in place, as poison_selection
