@@ -14,11 +14,19 @@ def fold_query_scale(w: torch.Tensor, q_scale: Optional[torch.Tensor]) -> torch.
     """w * q_scale (fp32): a positive factor per query and head commutes with the ReLU of the
     index score, HISA's block score and the router's |w|-weighted sum. A bad scale only poisons
     (scale_faults): the fold itself reads nothing out of bounds."""
-    return w if q_scale is None else w.float() * q_scale
+    # One kernel: type promotion computes a 16-bit w times the fp32 scale in fp32.
+    return w if q_scale is None else w * q_scale
 
 
-def _bad_scale(scale: torch.Tensor) -> torch.Tensor:
-    return ~((scale > 0) & torch.isfinite(scale))
+def _rows_with_a_bad_scale(scale: torch.Tensor) -> torch.Tensor:
+    """bool: the rows (last dim reduced) of an fp32 scale with an entry not finite and > 0, from
+    one reduction (a decode k_scale [64, 64K] is 16 MiB: every elementwise pass over it costs)."""
+    if scale.shape[-1] == 0:
+        return torch.zeros(scale.shape[:-1], dtype=torch.bool, device=scale.device)
+    low, high = torch.aminmax(scale, dim=-1)
+    # NaN propagates through both reductions and fails both comparisons; -inf fails the first,
+    # +inf the second.
+    return ~((low > 0) & (high < float("inf")))
 
 
 def scale_faults(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor]
@@ -29,9 +37,9 @@ def scale_faults(q_scale: Optional[torch.Tensor], k_scale: Optional[torch.Tensor
     scale is given."""
     faults = None
     if q_scale is not None:
-        faults = _bad_scale(q_scale).any(-1)
+        faults = _rows_with_a_bad_scale(q_scale)
     if k_scale is not None:
-        per_sequence = _bad_scale(k_scale).any(-1, keepdim=True)
+        per_sequence = _rows_with_a_bad_scale(k_scale)[:, None]
         faults = per_sequence if faults is None else faults | per_sequence
     return faults
 
@@ -45,11 +53,13 @@ def either(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[tor
 def poison_selection(values: torch.Tensor, indices: torch.Tensor,
                      faults: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """values NaN and indices -1 in the rows (leading dims of the selection) where faults is
-    set; faults broadcasts to the selection's leading dims."""
+    set; faults broadcasts to the selection's leading dims. In place: the selection is always
+    the op's own fresh output, and an out-of-place fill would first copy all of it (at 8192
+    queries x 8192 candidates, 768 MiB)."""
     if faults is None:
         return values, indices
     faults = faults[..., None]
-    return values.masked_fill(faults, float("nan")), indices.masked_fill(faults, -1)
+    return values.masked_fill_(faults, float("nan")), indices.masked_fill_(faults, -1)
 
 
 def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tensor:
@@ -58,4 +68,4 @@ def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tenso
     [0, H); rerank_topk checks the same scales as hisa_candidates."""
     if faults is None:
         return ids
-    return ids.masked_fill(faults[..., None], -1)
+    return ids.masked_fill_(faults[..., None], -1)  # in place, as poison_selection
