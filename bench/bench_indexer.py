@@ -5,7 +5,7 @@ MISA given the causal visibility as a mask tensor (causal=False plus a [B, 1, S,
 [:, 0], bool as transformers builds it for sdpa, additive bf16 0 / finfo.min as for eager
 attention; prefill shapes with at most 2^30 mask entries), and (decode) dense / MISA over a
 paged key cache (MISA also with the router's pooled keys kept between steps: "paged cached"),
-and each decode call of dense / MISA (contiguous and paged) once more replayed
+and each decode call of dense / MISA (contiguous, FP8 and paged) once more replayed
 from a CUDA graph ("graph" rows: no host work per call; the gap to the plain row is the host's
 launch cost, since no op synchronises with the host), over the shapes of PERFORMANCE.md; plus
 top-k alone against torch.topk. Prints one table last (card named) and writes the full JSON.
@@ -51,7 +51,8 @@ FP8_VARIANTS = ("dense", "misa")
 PAGED_VARIANTS = ("dense", "misa")
 PAGE = 64
 MASK_VARIANTS = ("dense", "misa")
-GRAPH_VARIANTS = ("dense", "misa", "dense paged", "misa paged", "misa paged cached")
+GRAPH_VARIANTS = ("dense", "misa", "dense fp8", "misa fp8", "dense paged", "misa paged",
+                  "misa paged cached")
 # Mask rows only where the mask stays small enough to sit beside the inputs (1 GiB bool).
 MASK_ENTRIES = 1 << 30
 
@@ -172,6 +173,8 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, vari
     if queries == 1:
         direct = {"dense": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["dense"], scale=SCALE),
                   "misa": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["misa"], scale=SCALE),
+                  "dense fp8": lambda: fp8_call(fp8_sets[0], VARIANTS["dense"]),
+                  "misa fp8": lambda: fp8_call(fp8_sets[0], VARIANTS["misa"]),
                   "dense paged": lambda: paged_call(paged_sets[0], VARIANTS["dense"]),
                   "misa paged": lambda: paged_call(paged_sets[0], VARIANTS["misa"]),
                   "misa paged cached": lambda: paged_call(cached_sets[0], VARIANTS["misa"])}
