@@ -5,7 +5,7 @@ scores, the fused selection route, the whole op), MISA-hierarchical's all-head r
 candidates per query (gathered scoring against the same math on contiguous keys, candidate
 top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
-64 sequences x 64K keys; MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
+64 sequences x 64K keys (contiguous, and paged with cached pooled keys); MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
 bool mask against causal=True; the router's stages, and its scores kernel with other tiles;
 MISA's stages and the decode ops with FP8 inputs against bf16.
 
@@ -260,6 +260,50 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     out["decode.copy keys"] = ms(lambda: copy.copy_(k))
 
 
+def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
+    """Decode over a paged cache (pages shuffled), dense against MISA with cached pooled keys:
+    each stage of the op alone, the whole ops, and every kernel of one call of each (profiler)."""
+    q, k, w = make_inputs(batch, 1, T, H)
+    pages = T // page
+    order = torch.randperm(batch * pages, device="cuda")
+    k_cache = torch.empty(batch * pages, page, k.shape[-1], dtype=k.dtype, device="cuda")
+    k_cache[order] = k.reshape(batch * pages, page, -1)
+    table = order.view(batch, pages).int()
+    lens = torch.full((batch,), T, dtype=torch.int32, device="cuda")
+    del k
+    ops = torch.ops.misa
+    pooled = ops.paged_pooled_keys(k_cache, table, lens, 1024)
+    end = lens.view(batch, 1)
+    vis = dict(causal=False, key_start=torch.zeros_like(end), key_end=end)
+    scores = torch.empty(batch, 1, T, device="cuda")
+    out["paged.query_scores dense"] = ms(lambda: query_scores(
+        q, k_cache, w, scores, rows=1, row0=0, scale=1.0, block_table=table, **vis))
+    heads = route_heads(q, k_cache, w, h, 1024, **vis, block_table=table, seq_lens=lens,
+                        kbar=pooled)
+    out["paged.route_heads cached"] = ms(lambda: route_heads(
+        q, k_cache, w, h, 1024, **vis, block_table=table, seq_lens=lens, kbar=pooled))
+    out["paged.gather_routed"] = ms(lambda: gather_routed(q, w, heads))
+    q_r, w_r = gather_routed(q, w, heads)
+    out["paged.query_scores routed"] = ms(lambda: query_scores(
+        q_r, k_cache, w_r, scores, rows=1, row0=0, scale=1.0, block_table=table, **vis))
+    values = torch.empty(batch, 1, K, device="cuda")
+    indices = torch.empty(batch, 1, K, dtype=torch.int64, device="cuda")
+    out["paged.topk_rows"] = ms(lambda: topk_rows(scores, K, values, indices,
+                                                  tail_base=lens.long()))
+    calls = {"dense": lambda: ops.paged_decode_topk(q[:, 0], k_cache, w[:, 0], table, lens, K),
+             "misa cached": lambda: ops.paged_decode_topk(
+                 q[:, 0], k_cache, w[:, 0], table, lens, K, h, 1024, pooled_keys=pooled)}
+    for name, call in calls.items():
+        out[f"paged.op {name}"] = ms(call)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        print(f"paged decode, {name}: kernels of 5 calls", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
+    out["paged.read keys (sum)"] = ms(lambda: k_cache.sum())
+
+
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
     queries, and router_scores with other (BLOCK_M, BLOCK_NB, warps) tiles than the default."""
@@ -369,7 +413,7 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
 
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
-                scoring=scoring, hier=hier_stages, masked=masked, wide=wide_rows,
+                scoring=scoring, paged=paged_decode, hier=hier_stages, masked=masked, wide=wide_rows,
                 router=router, fp8=fp8_against_bf16, sampled=sampled_scores)
 
 
