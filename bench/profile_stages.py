@@ -95,6 +95,38 @@ def scoring(out, S=8192, T=65536, H=64, h=8, chunk=4096):
     out["op.dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, 2048, 1.0, True))
 
 
+def append_cost(out, S=8192, T=65536, H=64, h=8, K=2048):
+    """What the candidate append costs MISA's EMIT at 8192 x 64K: EMIT with the real threshold
+    (~2800 of 65536 keys appended a row), with a threshold nothing reaches (same scoring and
+    compare, no slot reserved or stored), and FULL (every score written) for comparison."""
+    q, k, w = make_inputs(1, S, T, H)
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    q_r, w_r = gather_heads(q, w, heads)
+    del q, w
+    vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+    plan = plan_selection(K, T)
+    sample = torch.empty(1, S, plan.n_sample, device="cuda")
+    lo = torch.empty(S, device="cuda")
+    index_scores(q_r, k, w_r, rows=S, row0=0, n_cols=plan.n_sample, key_stride=plan.key_stride,
+                 out=sample, **vis)
+    st.sample_threshold(sample, plan.rank, plan.n_sample, lo)
+    cand_val = torch.empty(S, plan.capacity, device="cuda")
+    cand_idx = torch.empty(S, plan.capacity, dtype=torch.int32, device="cuda")
+    count = torch.zeros(S, dtype=torch.int32, device="cuda")
+    none_kept = torch.full_like(lo, float("inf"))
+    for name, threshold in (("real threshold", lo), ("nothing kept", none_kept)):
+        out[f"append.EMIT {name}"] = ms(lambda threshold=threshold: (count.zero_(), index_scores(
+            q_r, k, w_r, rows=S, row0=0, n_cols=T, emit=(threshold, cand_val, cand_idx, count),
+            **vis)))
+        out[f"append.candidates per row, {name}"] = float(count.float().mean())
+    chunk = 2048
+    scores = torch.empty(1, chunk, T, device="cuda")
+    out["append.FULL (all scores written)"] = ms(lambda: [index_scores(
+        q_r, k, w_r, rows=chunk, row0=r0, n_cols=T, out=scores, **vis) for r0 in range(0, S, chunk)])
+    for key, config in isc._tuned_emit.cache.items():
+        print(f"index_scores EMIT best config for {key[:4]}: {config}", flush=True)
+
+
 def fused_emit_path(q, k, w, vis, K=2048, out=None, prefix=""):
     """Selection fused into scoring (index_scores EMIT): sampled scores, threshold, scores >= it
     appended to candidate lists, candidate top-k; the [S, T] scores are never written. With
@@ -413,7 +445,7 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
 
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
-                scoring=scoring, paged=paged_decode, hier=hier_stages, masked=masked, wide=wide_rows,
+                scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages, masked=masked, wide=wide_rows,
                 router=router, fp8=fp8_against_bf16, sampled=sampled_scores)
 
 
