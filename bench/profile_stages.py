@@ -445,8 +445,9 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
 
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
-                scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages, masked=masked, wide=wide_rows,
-                router=router, fp8=fp8_against_bf16, sampled=sampled_scores)
+                scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages,
+                masked=masked, wide=wide_rows, router=router, fp8=fp8_against_bf16,
+                sampled=sampled_scores)
 
 
 def main():
