@@ -5,8 +5,9 @@ scores, the fused selection route, the whole op), MISA-hierarchical's all-head r
 candidates per query (gathered scoring against the same math on contiguous keys, candidate
 top-k, the whole op), causal prefill given as causal=True against the same visibility as ragged
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
-64 sequences x 64K keys (contiguous, and paged with cached pooled keys); MISA-hierarchical's routed top-8192 stage by stage, and MISA with a
-bool mask against causal=True; the router's stages, and its scores kernel with other tiles;
+64 sequences x 64K keys (contiguous, and paged with cached pooled keys); MISA-hierarchical's
+routed top-8192 stage by stage, and MISA with a bool mask against causal=True; what the
+candidate append costs MISA's EMIT; the router's stages, and its scores kernel with other tiles;
 MISA's stages and the decode ops with FP8 inputs against bf16.
 
     python bench/profile_stages.py [--only hier,masked]"""
@@ -122,7 +123,8 @@ def append_cost(out, S=8192, T=65536, H=64, h=8, K=2048):
     chunk = 2048
     scores = torch.empty(1, chunk, T, device="cuda")
     out["append.FULL (all scores written)"] = ms(lambda: [index_scores(
-        q_r, k, w_r, rows=chunk, row0=r0, n_cols=T, out=scores, **vis) for r0 in range(0, S, chunk)])
+        q_r, k, w_r, rows=chunk, row0=r0, n_cols=T, out=scores, **vis)
+        for r0 in range(0, S, chunk)])
     for key, config in isc._tuned_emit.cache.items():
         print(f"index_scores EMIT best config for {key[:4]}: {config}", flush=True)
 
