@@ -261,7 +261,8 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
 
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
-    queries, and router_scores with other (BLOCK_M, BLOCK_NB, warps) tiles than the default."""
+    queries, and router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
+    default."""
     default_tile = rs.router_tile
     for S in (8192, 1024):
         q, k, w = make_inputs(1, S, T, H)
@@ -274,8 +275,9 @@ def router(out, T=65536, H=64, h=8):
                                                                       heads))
         out[f"router {S}.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None,
                                                                 None))
-        tiles = [default_tile(S), (32, 16, 8), (16, 32, 8), (16, 64, 8), (64, 64, 4),
-                 (64, 64, 8), (32, 64, 8)]
+        # (BLOCK_R (query, head) pairs, BLOCK_NB pooled keys, warps, stages)
+        tiles = [default_tile(S), (64, 64, 4, 1), (64, 64, 4, 3), (64, 16, 4, 1),
+                 (128, 32, 8, 1), (128, 64, 8, 2), (32, 32, 4, 1)]
         for tile in tiles:
             rs.router_tile = lambda queries, tile=tile: tile
             try:
