@@ -261,9 +261,16 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
 
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
-    queries, and router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
-    default."""
-    default_tile = rs.router_tile
+    queries, router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
+    default, and pooled_keys with other (BLOCK_T, warps) tiles (default (64, 4) first)."""
+    default_tile, default_pooling = rs.router_tile, rs.pooling_tile
+    k = make_inputs(1, 1, T, H)[1]
+    for tile in [(128, 4), (128, 8), (256, 8)]:
+        rs.pooling_tile = lambda tile=tile: tile
+        try:
+            out[f"router.pooled_keys {tile}"] = ms(lambda: pooled_keys(k, 1024))
+        finally:
+            rs.pooling_tile = default_pooling
     for S in (8192, 1024):
         q, k, w = make_inputs(1, S, T, H)
         kbar = pooled_keys(k, 1024)

@@ -65,6 +65,11 @@ def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, first_ptr, out_ptr
              mask=(d < D) & ~keep)
 
 
+def pooling_tile() -> tuple[int, int]:
+    """(BLOCK_T keys read per step, num_warps) of pooled_keys: one program pools one block."""
+    return (16, 1) if INTERPRET else (64, 4)
+
+
 def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
                 seq_lens: Optional[torch.Tensor] = None,
@@ -85,7 +90,7 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
         out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
     else:
         out = cached[0].clone(memory_format=torch.contiguous_format)
-    block_t = 16 if INTERPRET else 64
+    block_t, warps = pooling_tile()
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     wrap_triton(pooled_keys_kernel)[(n_blocks, batch)](
         k, k_scale if k_scale is not None else k, block_table if paged else k,
@@ -93,7 +98,7 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
         cached[1].contiguous() if cached is not None else k, out, T, block, *k.stride(), *sstr,
         block_table.stride(0) if paged else 0, out.stride(0), out.stride(1), dim,
         HAS_KSCALE=k_scale is not None, PAGED=paged, PAGE=page, UPDATE=cached is not None,
-        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
+        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
     return out
 
 
