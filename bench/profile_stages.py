@@ -340,8 +340,16 @@ def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
 
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
-    queries, and router_scores with other (BLOCK_M, BLOCK_NB, warps) tiles than the default."""
-    default_tile = rs.router_tile
+    queries, router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
+    default, and pooled_keys with other (BLOCK_T, warps) tiles (default (64, 4) first)."""
+    default_tile, default_pooling = rs.router_tile, rs.pooling_tile
+    k = make_inputs(1, 1, T, H)[1]
+    for tile in [(128, 4), (128, 8), (256, 8)]:
+        rs.pooling_tile = lambda tile=tile: tile
+        try:
+            out[f"router.pooled_keys {tile}"] = ms(lambda: pooled_keys(k, 1024))
+        finally:
+            rs.pooling_tile = default_pooling
     for S in (8192, 1024):
         q, k, w = make_inputs(1, S, T, H)
         kbar = pooled_keys(k, 1024)
@@ -353,8 +361,9 @@ def router(out, T=65536, H=64, h=8):
                                                                       heads))
         out[f"router {S}.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None,
                                                                 None))
-        tiles = [default_tile(S), (32, 16, 8), (16, 32, 8), (16, 64, 8), (64, 64, 4),
-                 (64, 64, 8), (32, 64, 8)]
+        # (BLOCK_R (query, head) pairs, BLOCK_NB pooled keys, warps, stages)
+        tiles = [default_tile(S), (64, 64, 4, 1), (64, 64, 4, 3), (64, 16, 4, 1),
+                 (128, 32, 8, 1), (128, 64, 8, 2), (32, 32, 4, 1)]
         for tile in tiles:
             rs.router_tile = lambda queries, tile=tile: tile
             try:

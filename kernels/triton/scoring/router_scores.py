@@ -9,9 +9,10 @@ selection is launch/route_heads.py).
 
 The router costs H * ceil(T/B) dot products per query, under 1% of the dense indexer at B=1024,
 so it favours accuracy: kbar stays fp32 and the dots use 3-pass tf32 (close to fp32), which keeps
-near-tied heads in the reference's order. The router scores [B, S, H] are written by programs
-that each take a block of queries and a group of heads (enough groups to fill the card, which
-matters for few queries: decode, short chunks)."""
+near-tied heads in the reference's order. The router scores [B, S, H] are one matrix product
+per sequence: each (query, head) pair is a row (q [S, H, D] read as [S * H, D]), the pooled keys
+are the columns, and a program takes BLOCK_R pairs against every pooled key, so the keys are
+read once per tile rather than once per head, and few queries (decode) still give H rows each."""
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +25,6 @@ import triton.language as tl
 from ..common import INTERPRET, MASK_BOOL, MASK_NONE, load_mask_tile, next_pow2, visible_range
 from ..paging import key_location
 
-# Router programs that fill the card (132 SMs on an H100/H200, two resident per SM).
-ROUTER_PROGRAMS = 264
 
 
 @triton.jit
@@ -66,6 +65,11 @@ def pooled_keys_kernel(k_ptr, kscale_ptr, table_ptr, len_ptr, first_ptr, out_ptr
              mask=(d < D) & ~keep)
 
 
+def pooling_tile() -> tuple[int, int]:
+    """(BLOCK_T keys read per step, num_warps) of pooled_keys: one program pools one block."""
+    return (16, 1) if INTERPRET else (64, 4)
+
+
 def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
                 seq_lens: Optional[torch.Tensor] = None,
@@ -86,7 +90,7 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
         out = torch.empty(batch, n_blocks, dim, dtype=torch.float32, device=k.device)
     else:
         out = cached[0].clone(memory_format=torch.contiguous_format)
-    block_t = 16 if INTERPRET else 64
+    block_t, warps = pooling_tile()
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     wrap_triton(pooled_keys_kernel)[(n_blocks, batch)](
         k, k_scale if k_scale is not None else k, block_table if paged else k,
@@ -94,14 +98,14 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
         cached[1].contiguous() if cached is not None else k, out, T, block, *k.stride(), *sstr,
         block_table.stride(0) if paged else 0, out.stride(0), out.stride(1), dim,
         HAS_KSCALE=k_scale is not None, PAGED=paged, PAGE=page, UPDATE=cached is not None,
-        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=1 if INTERPRET else 4)
+        BLOCK_T=block_t, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
     return out
 
 
 @triton.jit
 def router_scores_kernel(
     q_ptr, w_ptr, kbar_ptr, ks_ptr, ke_ptr, r_ptr, bv_ptr,
-    rows, row0, S_total, T, n_blocks, block, H, heads_per_program,
+    queries, T, n_blocks, block, H,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_wb, stride_ws, stride_wh,
     stride_kb, stride_kn,
@@ -110,54 +114,54 @@ def router_scores_kernel(
     stride_vb, stride_vs, stride_vn,
     D,
     CAUSAL: tl.constexpr, RAGGED: tl.constexpr, BLOCK_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    head0 = tl.program_id(1) * heads_per_program
-    b = tl.program_id(2)
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local < rows
-    t = row0 + local
-    lo, hi = visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
+    b = tl.program_id(1)
+    # Rows are (query, head) pairs, head fastest: pair = t * H + j.
+    pair = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pair_ok = pair < queries * H
+    t = pair // H
+    j = pair % H
+    lo, hi = visible_range(b, t, pair_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, queries,
                            CAUSAL, RAGGED)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64)[:, None] * stride_qs + d[None, :] * stride_qd
-    w_rows = w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws
-    r_rows = r_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os
-    for j in range(head0, tl.minimum(head0 + heads_per_program, H)):
-        q_j = tl.load(q_rows + j * stride_qh, mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0).to(tl.float32)
-        r_j = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for nb0 in range(0, n_blocks, BLOCK_NB):
-            blocks = nb0 + tl.arange(0, BLOCK_NB)
-            kbar = tl.load(kbar_ptr + b.to(tl.int64) * stride_kb + blocks[:, None] * stride_kn
-                           + d[None, :], mask=(blocks < n_blocks)[:, None] & d_ok[None, :],
-                           other=0.0)
-            per_block = tl.dot(q_j, tl.trans(kbar), input_precision="tf32x3")
-            first = blocks * block
-            visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
-                       & (blocks < n_blocks)[None, :] & row_ok[:, None])
-            # With a mask, the blocks that hold a key the query sees (block_visibility.py).
-            visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
-                                        stride_vb, stride_vs, stride_vn, BLOCK_MASK)
-            relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            r_j += tl.sum(tl.where(visible, relu, 0.0), axis=1)
-        w_j = tl.load(w_rows + j * stride_wh, mask=row_ok, other=0.0).to(tl.float32)
-        r_j = tl.abs(w_j) * r_j
-        r_j = tl.where(r_j == r_j, r_j, float("-inf"))
-        tl.store(r_rows + j, r_j, mask=row_ok)
+    q_rows = (q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs
+              + j.to(tl.int64) * stride_qh)
+    q_tile = tl.load(q_rows[:, None] + d[None, :] * stride_qd,
+                     mask=pair_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for nb0 in range(0, n_blocks, BLOCK_NB):
+        blocks = nb0 + tl.arange(0, BLOCK_NB)
+        kbar = tl.load(kbar_ptr + b.to(tl.int64) * stride_kb + blocks[:, None] * stride_kn
+                       + d[None, :], mask=(blocks < n_blocks)[:, None] & d_ok[None, :],
+                       other=0.0)
+        per_block = tl.dot(q_tile, tl.trans(kbar), input_precision="tf32x3")
+        first = blocks * block
+        visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
+                   & (blocks < n_blocks)[None, :] & pair_ok[:, None])
+        # With a mask, the blocks that hold a key the query sees (block_visibility.py).
+        visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
+                                    stride_vb, stride_vs, stride_vn, BLOCK_MASK)
+        relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        r += tl.sum(tl.where(visible, relu, 0.0), axis=1)
+    w = tl.load(w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws
+                + j.to(tl.int64) * stride_wh, mask=pair_ok, other=0.0).to(tl.float32)
+    r = tl.abs(w) * r
+    r = tl.where(r == r, r, float("-inf"))
+    tl.store(r_ptr + b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_os + j, r,
+             mask=pair_ok)
 
 
-def router_tile(queries: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_NB, num_warps) of router_scores for this many queries per sequence."""
+def router_tile(queries: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R (query, head) pairs, BLOCK_NB pooled keys, num_warps, num_stages) of
+    router_scores."""
     if INTERPRET:
-        return 16, 16, 1
-    # Decode (few queries per sequence) takes the smallest tile the matrix units accept; prefill
-    # takes 64 query rows, which reload the pooled keys half as often as 32 (H100, 64K keys:
-    # 0.376 against 0.412 ms at 8192 queries, 0.054 against 0.062 at 1024; profile_stages.py
-    # --only router; 8 warps or 16-32 block tiles were slower).
-    return (16 if queries <= 16 else 32 if queries <= 32 else 64), 64, 4
+        return 16, 16, 1, 1
+    # 64 rows, the smallest tile Hopper's warpgroup matrix instructions take whole. The 3-pass
+    # tf32 dot stages both fp32 operands in shared memory twice (high and low parts); with 32
+    # pooled keys a tile and one stage that is 96 KiB (sm_90 build), so two programs share an SM.
+    return 64, 32, 4, 1
 
 
 def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_size: int, T: int,
@@ -174,19 +178,14 @@ def router_scores(q: torch.Tensor, w: torch.Tensor, kbar: torch.Tensor, block_si
     dummy = q
     rstr = (key_start.stride(0), key_start.stride(1)) if ragged else (0, 0)
     vstr = blocks_seen.stride() if blocks_seen is not None else (0, 0, 0)
-    block_m, block_nb, warps = router_tile(queries)
-    row_blocks = triton.cdiv(queries, block_m)
-    # The heads are independent: split them over programs until the card is full (the loop over
-    # heads is latency-bound, so few queries would otherwise leave most SMs idle).
-    groups = max(1, min(num_heads, triton.cdiv(ROUTER_PROGRAMS, batch * row_blocks)))
-    heads_per_program = triton.cdiv(num_heads, groups)
-    grid = (row_blocks, triton.cdiv(num_heads, heads_per_program), batch)
+    block_r, block_nb, warps, stages = router_tile(queries)
+    grid = (triton.cdiv(queries * num_heads, block_r), batch)
     wrap_triton(router_scores_kernel)[grid](
         q, w, kbar, key_start if ragged else dummy, key_end if ragged else dummy, scores,
         blocks_seen if blocks_seen is not None else dummy,
-        queries, 0, queries, T, n_blocks, block_size, num_heads, heads_per_program,
+        queries, T, n_blocks, block_size, num_heads,
         *q.stride(), *w.stride(), kbar.stride(0), kbar.stride(1), *rstr, scores.stride(0),
         scores.stride(1), *vstr, dim, CAUSAL=causal, RAGGED=ragged,
-        BLOCK_MASK=MASK_NONE if blocks_seen is None else MASK_BOOL, BLOCK_M=block_m,
-        BLOCK_NB=block_nb, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps)
+        BLOCK_MASK=MASK_NONE if blocks_seen is None else MASK_BOOL, BLOCK_R=block_r,
+        BLOCK_NB=block_nb, BLOCK_D=max(16, next_pow2(dim)), num_warps=warps, num_stages=stages)
     return scores
