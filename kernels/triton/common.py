@@ -85,21 +85,22 @@ def load_mask_tile(mask_ptr, b, t, keys, ok, stride_mb, stride_ms, stride_mt,
 
 
 @triton.jit
-def append_candidates(scores, key_ids, flat_rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
+def append_candidates(scores, visible, key_ids, flat_rows, lo, count_ptr, cand_val_ptr,
                       cand_idx_ptr, CAP: tl.constexpr, PER_ELEMENT: tl.constexpr):
-    """Appends the entries of a [M, N] score tile that are finite and >= lo[row] to per-row
+    """Appends the entries of a [M, N] score tile that are visible (a mask that also holds the
+    tile's row and column bounds, or the constant True), finite and >= lo[row] to per-row
     candidate lists (values fp32, key ids int32) of capacity CAP. Counts keep growing past CAP
     so that the consumer can detect overflow. Two ways to reserve slots (the autotuner picks):
     one atomic per row and a prefix sum across the tile, or one atomic per kept entry (few
     entries pass the threshold, and it needs no cross-thread scan)."""
-    take = (scores >= lo[:, None]) & (scores > float("-inf")) & row_ok[:, None] & col_ok[None, :]
+    take = (scores >= lo[:, None]) & (scores > float("-inf")) & visible
     if PER_ELEMENT:
         counters = tl.broadcast_to((count_ptr + flat_rows)[:, None], scores.shape)
         slot = tl.atomic_add(counters, 1, mask=take, sem="relaxed")
     else:
         take_i = take.to(tl.int32)
         per_row = tl.sum(take_i, axis=1)
-        base = tl.atomic_add(count_ptr + flat_rows, per_row, mask=row_ok & (per_row > 0),
+        base = tl.atomic_add(count_ptr + flat_rows, per_row, mask=per_row > 0,
                              sem="relaxed")
         slot = base[:, None] + tl.cumsum(take_i, axis=1) - 1
     keep = take & (slot < CAP)

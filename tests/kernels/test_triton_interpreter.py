@@ -184,8 +184,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         scores = tl.load(src_ptr + rows[:, None] * n_cols + cols[None, :],
                          mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
         lo = tl.load(lo_ptr + rows, mask=row_ok, other=float("inf"))
-        append_candidates(scores, cols, rows, row_ok, col_ok, lo, count_ptr, cand_val_ptr,
-                          cand_idx_ptr, CAP, PER_ELEMENT)
+        append_candidates(scores, row_ok[:, None] & col_ok[None, :], cols, rows, lo, count_ptr,
+                          cand_val_ptr, cand_idx_ptr, CAP, PER_ELEMENT)
 
 
 def test_rows_whose_threshold_misses_are_redone_exactly_on_the_device():

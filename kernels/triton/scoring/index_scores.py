@@ -41,6 +41,39 @@ MODE_EMIT = 1
 
 
 @triton.jit
+def range_visibility(first_pos, lo, hi, row_ok, col_ok, KEY_BLOCK: tl.constexpr):
+    """[M, N] visibility of key rows starting at first_pos [N] to queries seeing [lo, hi) [M],
+    False outside the tile's rows and columns. The bounds are folded into the two vectors (a
+    row out of bounds sees nothing, a column out of bounds starts past every range), so that a
+    tile entry costs two compares rather than four."""
+    hi = tl.where(row_ok, hi, -2147483647)
+    first_pos = tl.where(col_ok, first_pos, 2147483647 - KEY_BLOCK)
+    return (first_pos[None, :] < hi[:, None]) & (first_pos[None, :] + KEY_BLOCK > lo[:, None])
+
+
+@triton.jit
+def finish_tile(scores, visible, lo, hi, key_rows, flat_rows, row_ok, lo_ptr, count_ptr, out_ptr,
+                cand_idx_ptr, MODE: tl.constexpr, FORCE_ENDS: tl.constexpr,
+                KEY_BLOCK: tl.constexpr, CAP: tl.constexpr, PER_ELEMENT: tl.constexpr):
+    """A scored tile's visibility, forced ends and EMIT append; returns the tile FULL stores.
+    `visible` may be the constant True (a tile every row sees whole), which folds away."""
+    if MODE == 0:
+        # NaN never wins a selection: it ranks with the hidden keys.
+        scores = tl.where(visible & (scores == scores), scores, float("-inf"))
+    if FORCE_ENDS:
+        first_block = lo // KEY_BLOCK
+        last_block = (hi - 1) // KEY_BLOCK
+        ends = (key_rows[None, :] == first_block[:, None]) | (key_rows[None, :] == last_block[:, None])
+        scores = tl.where(visible & ends, float("inf"), scores)
+    if MODE == 1:
+        # EMIT's compare drops NaN and hidden keys itself (a NaN is never >= the threshold).
+        row_lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
+        append_candidates(scores, visible, key_rows, flat_rows, row_lo, count_ptr, out_ptr,
+                          cand_idx_ptr, CAP, PER_ELEMENT)
+    return scores
+
+
+@triton.jit
 def index_scores_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, ke_ptr, lo_ptr, out_ptr, cand_idx_ptr, count_ptr,
     kscale_ptr, mask_ptr, rows, row0, S_total, T, n_keys, n_cols, HS, scale, key_stride,
@@ -72,8 +105,6 @@ def index_scores_kernel(
     lo, hi = visible_range(b, t, row_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
                            CAUSAL, RAGGED)
     first_pos = key_rows * KEY_BLOCK
-    visible = ((first_pos[None, :] < hi[:, None]) & (first_pos[None, :] + KEY_BLOCK > lo[:, None])
-               & row_ok[:, None] & col_ok[None, :])
     # The mask tile is read first (only where the ranges leave keys visible), so tiles that the
     # mask hides from every query skip the dot products: a causal mask costs about what
     # causal=True costs. Its columns are the key rows (block ids for pooled keys).
@@ -86,7 +117,9 @@ def index_scores_kernel(
         tile_hi = tl.max(tl.where(col_ok, first_pos + KEY_BLOCK, -2147483647), axis=0)
         any_visible = tl.max(((hi > tile_lo) & (lo < tile_hi) & row_ok).to(tl.int32), axis=0) > 0
     else:
-        visible, _ = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :], visible,
+        visible, _ = load_mask_tile(mask_ptr, b, t[:, None], key_rows[None, :],
+                                    range_visibility(first_pos, lo, hi, row_ok, col_ok,
+                                                     KEY_BLOCK),
                                     stride_mb, stride_ms, stride_mt, MASK_KIND)
         any_visible = tl.max(visible.to(tl.int32), axis=1)
         any_visible = tl.max(any_visible, axis=0) > 0
@@ -121,17 +154,16 @@ def index_scores_kernel(
                                                   visible, stride_mb, stride_ms, stride_mt,
                                                   MASK_KIND)
             scores = scores + bias
-        # NaN never wins a selection: it ranks with the hidden keys.
-        scores = tl.where(visible & (scores == scores), scores, float("-inf"))
-        if FORCE_ENDS:
-            first_block = lo // KEY_BLOCK
-            last_block = (hi - 1) // KEY_BLOCK
-            ends = (key_rows[None, :] == first_block[:, None]) | (key_rows[None, :] == last_block[:, None])
-            scores = tl.where(visible & ends, float("inf"), scores)
-        if MODE == 1:
-            row_lo = tl.load(lo_ptr + flat_rows, mask=row_ok, other=float("inf"))
-            append_candidates(scores, key_rows, flat_rows, row_ok, col_ok, row_lo, count_ptr,
-                              out_ptr, cand_idx_ptr, CAP, PER_ELEMENT)
+        if MASK_KIND == 0:
+            # Computed here, not before the head loop, through which it would stay live.
+            visible = range_visibility(first_pos, lo, hi, row_ok, col_ok, KEY_BLOCK)
+            scores = finish_tile(scores, visible, lo, hi, key_rows, flat_rows, row_ok, lo_ptr,
+                                 count_ptr, out_ptr, cand_idx_ptr, MODE, FORCE_ENDS, KEY_BLOCK,
+                                 CAP, PER_ELEMENT)
+        else:
+            scores = finish_tile(scores, visible, lo, hi, key_rows, flat_rows, row_ok, lo_ptr,
+                                 count_ptr, out_ptr, cand_idx_ptr, MODE, FORCE_ENDS, KEY_BLOCK,
+                                 CAP, PER_ELEMENT)
     else:
         scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     if MODE == 0:
