@@ -5,7 +5,8 @@ MISA given the causal visibility as a mask tensor (causal=False plus a [B, 1, S,
 [:, 0], bool as transformers builds it for sdpa, additive bf16 0 / finfo.min as for eager
 attention; prefill shapes with at most 2^30 mask entries), and (decode) dense / MISA over a
 paged key cache (MISA also with the router's pooled keys kept between steps: "paged cached"),
-and each decode call of dense / MISA (contiguous, FP8 and paged) once more replayed
+bf16 and FP8 (dense, and MISA with cached pooled keys: the serving configuration), and each
+decode call of dense / MISA (contiguous, FP8 and paged) once more replayed
 from a CUDA graph ("graph" rows: no host work per call; the gap to the plain row is the host's
 launch cost, since no op synchronises with the host), over the shapes of PERFORMANCE.md; plus
 top-k alone against torch.topk. Prints one table last (card named) and writes the full JSON.
@@ -52,7 +53,7 @@ PAGED_VARIANTS = ("dense", "misa")
 PAGE = 64
 MASK_VARIANTS = ("dense", "misa")
 GRAPH_VARIANTS = ("dense", "misa", "dense fp8", "misa fp8", "dense paged", "misa paged",
-                  "misa paged cached")
+                  "misa paged cached", "dense paged fp8", "misa paged cached fp8")
 # Mask rows only where the mask stays small enough to sit beside the inputs (1 GiB bool).
 MASK_ENTRIES = 1 << 30
 
@@ -138,72 +139,62 @@ def rotating(inputs_list):
 def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, variants=None):
     copies = max(1, min(8, math.ceil(200 * 2 ** 20 / (batch * keys * 128 * 2))))
     sets = [make_inputs(batch, queries, keys, heads, seed=s) for s in range(copies)]
-    pick = rotating(sets)
+    fp8_sets = [(*quantize_fp8(q, k), w) for q, k, w in sets]
     rows = []
     dense_values, dense_indices = indexer_topk(*sets[0], K_TOP, VARIANTS["dense"], scale=SCALE)
     torch.cuda.synchronize()
-    calls = {name: (lambda c=config: indexer_topk(*pick(), K_TOP, c, scale=SCALE))
-             for name, config in VARIANTS.items()}
-    fp8_sets = [(*quantize_fp8(q, k), w) for q, k, w in sets]
-    pick_fp8 = rotating(fp8_sets)
+    # Each row's call on rotating input sets (timed) and on the first set (its recall, and the
+    # call a graph captures).
+    rows_calls = {name: (lambda inputs, c=config: indexer_topk(*inputs, K_TOP, c, scale=SCALE),
+                         sets) for name, config in VARIANTS.items()}
     for name in FP8_VARIANTS:
-        calls[f"{name} fp8"] = lambda c=VARIANTS[name]: fp8_call(pick_fp8(), c)
-    paged_sets = [paged_inputs(*inputs) for inputs in sets] if queries == 1 else []
-    pick_paged = rotating(paged_sets)
-    for name in PAGED_VARIANTS if paged_sets else ():
-        calls[f"{name} paged"] = lambda c=VARIANTS[name]: paged_call(pick_paged(), c)
-    if paged_sets:
+        rows_calls[f"{name} fp8"] = (lambda inputs, c=VARIANTS[name]: fp8_call(inputs, c),
+                                     fp8_sets)
+    if queries == 1:
+        paged = [paged_inputs(*inputs) for inputs in sets]
+        paged_fp8 = [paged_inputs(q8, k8, w, q_scale, k_scale)
+                     for q8, k8, q_scale, k_scale, w in fp8_sets]
+        for name in PAGED_VARIANTS:
+            rows_calls[f"{name} paged"] = (lambda inputs, c=VARIANTS[name]: paged_call(inputs, c),
+                                           paged)
+        rows_calls["dense paged fp8"] = (lambda inputs: paged_call(inputs, VARIANTS["dense"]),
+                                         paged_fp8)
         # The router's pooled keys kept between steps (computed once here, outside the timing).
-        cached_sets = [(*inputs, pooled_for(inputs)) for inputs in paged_sets]
-        pick_cached = rotating(cached_sets)
-        calls["misa paged cached"] = lambda: paged_call(pick_cached(), VARIANTS["misa"])
+        for suffix, inputs_list in (("", paged), (" fp8", paged_fp8)):
+            rows_calls[f"misa paged cached{suffix}"] = (
+                lambda inputs: paged_call(inputs, VARIANTS["misa"]),
+                [(*inputs, pooled_for(inputs)) for inputs in inputs_list])
     small = 1 < queries and batch * queries * keys <= MASK_ENTRIES
     masks = causal_masks(batch, queries, keys) if small else {}
     for kind, mask in masks.items():
         for name in MASK_VARIANTS:
-            calls[f"{name} {kind}"] = lambda c=VARIANTS[name], m=mask: masked_call(pick(), c, m)
+            rows_calls[f"{name} {kind}"] = (
+                lambda inputs, c=VARIANTS[name], m=mask: masked_call(inputs, c, m), sets)
+    calls = {name: (lambda call=call, pick=rotating(inputs): call(pick()))
+             for name, (call, inputs) in rows_calls.items()}
+    fixed = {name: (lambda call=call, inputs=inputs[0]: call(inputs))
+             for name, (call, inputs) in rows_calls.items()}
+    pick = rotating(sets)
     if run_torch:
         calls = {"torch": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE), **calls}
     if run_compile:
         calls = {"compile": lambda: hf_indexer_topk(*pick(), K_TOP, SCALE, compiled=True),
-                 **{k: v for k, v in calls.items()}}
+                 **calls}
     if variants is not None:
         calls = {name: call for name, call in calls.items() if name.split(" ")[0] in variants}
-    graphs = {}
     if queries == 1:
-        direct = {"dense": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["dense"], scale=SCALE),
-                  "misa": lambda: indexer_topk(*sets[0], K_TOP, VARIANTS["misa"], scale=SCALE),
-                  "dense fp8": lambda: fp8_call(fp8_sets[0], VARIANTS["dense"]),
-                  "misa fp8": lambda: fp8_call(fp8_sets[0], VARIANTS["misa"]),
-                  "dense paged": lambda: paged_call(paged_sets[0], VARIANTS["dense"]),
-                  "misa paged": lambda: paged_call(paged_sets[0], VARIANTS["misa"]),
-                  "misa paged cached": lambda: paged_call(cached_sets[0], VARIANTS["misa"])}
-        for name in GRAPH_VARIANTS:
-            if variants is not None and name.split(" ")[0] not in variants:
-                continue
-            graphs[f"{name} graph"] = captured(direct[name])
-            calls[f"{name} graph"] = graphs[f"{name} graph"][0]
+        for name in [name for name in GRAPH_VARIANTS if name in calls]:
+            replay, outputs = captured(fixed[name])
+            calls[f"{name} graph"] = replay
+            # The static outputs of one replay on the first set.
+            fixed[f"{name} graph"] = lambda replay=replay, outputs=outputs: (replay(), outputs)[1]
     for name, call in calls.items():
         try:
             ms = time_call(call)
             peak = peak_extra_gib(call)
             rec = None
             if name not in ("torch", "compile"):
-                if name in graphs:
-                    replay, (values, indices) = graphs[name]
-                    replay()  # the static outputs of one replay on sets[0]
-                elif name.endswith(" fp8"):
-                    values, indices = fp8_call(fp8_sets[0], VARIANTS[name.removesuffix(" fp8")])
-                elif name.endswith(" paged"):
-                    values, indices = paged_call(paged_sets[0],
-                                                 VARIANTS[name.removesuffix(" paged")])
-                elif name.endswith(" paged cached"):
-                    values, indices = paged_call(cached_sets[0], VARIANTS["misa"])
-                elif name.endswith(" mask"):
-                    variant, kind = name.split(" ", 1)
-                    values, indices = masked_call(sets[0], VARIANTS[variant], masks[kind])
-                else:
-                    values, indices = indexer_topk(*sets[0], K_TOP, VARIANTS[name], scale=SCALE)
+                values, indices = fixed[name]()
                 rec = recall(indices, values, dense_indices, dense_values)
                 del values, indices
             flops = useful_flops(name.split(" ")[0], batch, queries, keys, heads)
@@ -257,29 +248,43 @@ def fp8_call(inputs, config):
     return indexer_topk(q8, k8, w, K_TOP, config, scale=SCALE, q_scale=q_scale, k_scale=k_scale)
 
 
-def paged_inputs(q, k, w):
-    """Decode inputs over a paged cache: k's pages in shuffled order, every sequence full."""
+def paged_inputs(q, k, w, q_scale=None, k_scale=None):
+    """Decode inputs over a paged cache (k's pages, and k_scale's with FP8 keys, in shuffled
+    order, every sequence full): (q, k_cache, w, block_table, seq_lens, q_scale, k_scale)."""
     batch, keys, dim = k.shape
     pages = keys // PAGE
     order = torch.randperm(batch * pages, device=k.device)
-    k_cache = torch.empty(batch * pages, PAGE, dim, dtype=k.dtype, device=k.device)
-    k_cache[order] = k.reshape(batch * pages, PAGE, dim)
     block_table = order.view(batch, pages).int()
     seq_lens = torch.full((batch,), keys, dtype=torch.int32, device=k.device)
-    return q[:, 0], k_cache, w[:, 0], block_table, seq_lens
+    paged_scale = None if k_scale is None else shuffled_pages(k_scale, order)
+    return (q[:, 0], shuffled_pages(k, order), w[:, 0], block_table, seq_lens,
+            None if q_scale is None else q_scale[:, 0], paged_scale)
+
+
+def shuffled_pages(x, order):
+    """x [B, T, ...] as pages [B * T / PAGE, PAGE, ...], page i of the flat sequence stored at
+    order[i]. Moved as integers of the same width: index_put has no FP8 kernel."""
+    raw = {1: torch.int8, 2: torch.int16, 4: torch.int32}[x.element_size()]
+    pages = x.view(raw).reshape(order.numel(), PAGE, *x.shape[2:])
+    out = torch.empty_like(pages)
+    out[order] = pages
+    return out.view(x.dtype)
 
 
 def pooled_for(inputs):
-    _, k_cache, _, block_table, seq_lens = inputs
-    return torch.ops.misa.paged_pooled_keys(k_cache, block_table, seq_lens, ROUTER_BLOCK)
+    _, k_cache, _, block_table, seq_lens, _, k_scale = inputs
+    return torch.ops.misa.paged_pooled_keys(k_cache, block_table, seq_lens, ROUTER_BLOCK,
+                                            k_scale=k_scale)
 
 
 def paged_call(inputs, config):
-    """paged_decode_topk on (q, k_cache, w, block_table, seq_lens[, pooled keys])."""
-    q, k_cache, w, block_table, seq_lens, *pooled = inputs
+    """paged_decode_topk on (q, k_cache, w, block_table, seq_lens, q_scale, k_scale[, pooled
+    keys])."""
+    q, k_cache, w, block_table, seq_lens, q_scale, k_scale, *pooled = inputs
     heads = config.active_heads if config.variant == "misa" else 0
     values, indices = torch.ops.misa.paged_decode_topk(q, k_cache, w, block_table, seq_lens,
                                                        K_TOP, heads, config.block_size, SCALE,
+                                                       q_scale=q_scale, k_scale=k_scale,
                                                        pooled_keys=pooled[0] if pooled else None)
     return values[:, None], indices[:, None]
 
