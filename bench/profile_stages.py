@@ -8,7 +8,8 @@ key ranges (what the pass hands the kernels when it folds a packed-sequence mask
 64 sequences x 64K keys (contiguous, and paged with cached pooled keys); MISA-hierarchical's
 routed top-8192 stage by stage, and MISA with a bool mask against causal=True; what the
 candidate append costs MISA's EMIT; the router's stages, and its scores kernel with other tiles;
-MISA's stages and the decode ops with FP8 inputs against bf16.
+MISA's stages and the decode ops with FP8 inputs against bf16; decode scoring with other tiles
+(dense and routed, contiguous and paged, bf16 and FP8 keys).
 
     python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
@@ -28,6 +29,7 @@ from misa_compile.kernels.triton.selection.compact_rows import _tuned_kernel as 
 from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.scoring import index_scores as isc
 from misa_compile.kernels.triton.scoring.index_scores import index_scores
+from misa_compile.kernels.triton.scoring import query_scores as qsc
 from misa_compile.kernels.triton.scoring.query_scores import query_scores
 from misa_compile.kernels.triton.scoring.block_visibility import block_visibility
 from misa_compile.kernels.triton.scoring import router_scores as rs
@@ -294,16 +296,28 @@ def decode(out, batch=64, T=65536, H=64, h=8, K=2048):
     out["decode.copy keys"] = ms(lambda: copy.copy_(k))
 
 
+def paged_cache(k, page=64, k_scale=None):
+    """(k_cache, block_table, seq_lens, k_scale's pages or None) of keys k [B, T, D] (and their
+    scales [B, T]) over pages in shuffled order, every sequence full."""
+    batch, T, _ = k.shape
+    pages = T // page
+    order = torch.randperm(batch * pages, device="cuda")
+
+    def shuffled(x):  # moved as bytes: index_put has no FP8 kernel
+        flat = x.reshape(batch * pages, page, -1)
+        out = torch.empty_like(flat)
+        out.view(torch.uint8)[order] = flat.view(torch.uint8)
+        return out.view(batch * pages, page, *x.shape[2:])
+    lens = torch.full((batch,), T, dtype=torch.int32, device="cuda")
+    return (shuffled(k), order.view(batch, pages).int(), lens,
+            None if k_scale is None else shuffled(k_scale))
+
+
 def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
     """Decode over a paged cache (pages shuffled), dense against MISA with cached pooled keys:
     each stage of the op alone, the whole ops, and every kernel of one call of each (profiler)."""
     q, k, w = make_inputs(batch, 1, T, H)
-    pages = T // page
-    order = torch.randperm(batch * pages, device="cuda")
-    k_cache = torch.empty(batch * pages, page, k.shape[-1], dtype=k.dtype, device="cuda")
-    k_cache[order] = k.reshape(batch * pages, page, -1)
-    table = order.view(batch, pages).int()
-    lens = torch.full((batch,), T, dtype=torch.int32, device="cuda")
+    k_cache, table, lens, _ = paged_cache(k, page)
     del k
     ops = torch.ops.misa
     pooled = ops.paged_pooled_keys(k_cache, table, lens, 1024)
@@ -336,6 +350,45 @@ def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
         print(f"paged decode, {name}: kernels of 5 calls", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
     out["paged.read keys (sum)"] = ms(lambda: k_cache.sum())
+
+
+def decode_tiles(out, batch=64, T=65536, H=64, h=8):
+    """Decode 64 x 64K scoring (query_scores) with other (BLOCK_N, warps, stages) tiles than the
+    default (first), dense and routed, over contiguous keys and a paged cache, bf16 and FP8
+    keys: where the routed paged scoring loses to the dense one."""
+    default_tile = qsc.query_tile
+    q, k, w = make_inputs(batch, 1, T, H)
+    q8, k8, q_scale, k_scale = quantize_fp8(q, k)
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    forms = {"bf16": (q, k, w, None), "fp8": (q8, k8, w.float() * q_scale, k_scale)}
+    scores = torch.empty(batch, 1, T, device="cuda")
+    tiles = [None, (128, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4), (128, 4, 2), (256, 8, 2)]
+    for form, (qq, kk, ww, ks) in forms.items():
+        k_cache, table, lens, paged_scale = paged_cache(kk, k_scale=ks)
+        end = lens.view(batch, 1)
+        ranges = dict(causal=False, key_start=torch.zeros_like(end), key_end=end)
+        q_r, w_r = gather_routed(qq, ww, heads)
+        cases = {"dense": (qq, ww), "routed": (q_r, w_r)}
+        for tile in tiles:
+            if tile is not None:
+                qsc.query_tile = lambda block_h, key_bytes, tile=tile: tile
+            try:
+                for name, (qx, wx) in cases.items():
+                    label = f"decode tiles {form} {name} {tile or 'default'}"
+                    out[label + " contiguous"] = ms(lambda: query_scores(
+                        qx, kk, wx, scores, rows=1, row0=0, causal=True, key_start=None,
+                        key_end=None, scale=1.0, k_scale=ks))
+                    out[label + " paged"] = ms(lambda: query_scores(
+                        qx, k_cache, wx, scores, rows=1, row0=0, scale=1.0, k_scale=paged_scale,
+                        block_table=table, **ranges))
+            except Exception as error:  # a tile that fails to build is reported, not fatal
+                print(f"decode tiles {tile}: {type(error).__name__}: {str(error)[:300]}",
+                      flush=True)
+            finally:
+                qsc.query_tile = default_tile
+        # The key-read floor: integer bytes for FP8 (torch sums no FP8).
+        keys = k_cache.view(torch.uint8) if k_cache.element_size() == 1 else k_cache
+        out[f"decode tiles {form} read keys (sum)"] = ms(lambda: keys.sum())
 
 
 def router(out, T=65536, H=64, h=8):
@@ -457,6 +510,7 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
                 scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages,
+                decode_tiles=decode_tiles,
                 masked=masked, wide=wide_rows, router=router, fp8=fp8_against_bf16,
                 sampled=sampled_scores)
 

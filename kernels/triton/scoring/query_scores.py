@@ -138,6 +138,18 @@ def query_scores_kernel(
         BLOCK_H, BLOCK_N, BLOCK_D)
 
 
+def query_tile(block_h: int, key_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_N keys a tile, num_warps, num_stages) of score_query_keys for BLOCK_H head slots
+    and keys of key_bytes bytes an element."""
+    if INTERPRET:
+        return 16, 1, 1
+    # 64-key tiles with 4 warps measured fastest on an H100 for the gathered re-rank (64 heads,
+    # 3.84 ms against 4.62 ms with 128-key tiles at 8192 x 8192 candidates) and as fast as any
+    # other tile for contiguous decode (8 and 64 heads, within 2% of the key-read time).
+    # fp32 tiles are twice as large: three stages would not fit shared memory.
+    return 64, 4 if block_h <= 64 else 8, 2 if key_bytes >= 4 else 3
+
+
 def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal: bool,
                    key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
                    scale: float, candidates: Optional[torch.Tensor] = None,
@@ -158,17 +170,7 @@ def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal:
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     assert mask is None or block_table is None, "the paged op has no mask"
     mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, T)
-    if INTERPRET:
-        block_n, warps, stages = 16, 1, 1
-    else:
-        # 64-key tiles with 4 warps measured fastest on an H100 for the gathered re-rank (64
-        # heads, 3.84 ms against 4.62 ms with 128-key tiles at 8192 x 8192 candidates) and as
-        # fast as any other tile for decode (8 and 64 heads, within 2% of the key-read time).
-        block_n, stages = 64, 3
-        warps = 4 if block_h <= 64 else 8
-        if k.element_size() >= 4:
-            # fp32 tiles are twice as large: three stages would not fit shared memory.
-            stages = 2
+    block_n, warps, stages = query_tile(block_h, k.element_size())
     operands = dict(
         q_ptr=q, k_ptr=k, w_ptr=w, cand_ptr=candidates if candidates is not None else dummy,
         ks_ptr=key_start if ragged else dummy, ke_ptr=key_end if ragged else dummy,
