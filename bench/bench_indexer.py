@@ -6,7 +6,8 @@ MISA given the causal visibility as a mask tensor (causal=False plus a [B, 1, S,
 attention; prefill shapes with at most 2^30 mask entries), and (decode) dense / MISA over a
 paged key cache (MISA also with the router's pooled keys kept between steps: "paged cached"),
 bf16 and FP8 (dense, and MISA with cached pooled keys: the serving configuration), and each
-decode call of dense / MISA (contiguous, FP8 and paged) once more replayed
+call of dense / MISA (contiguous, FP8 and paged) at decode and at up to 1024 x 64K query-key
+pairs (short prefill, whose plain calls are partly host-bound) once more replayed
 from a CUDA graph ("graph" rows: no host work per call; the gap to the plain row is the host's
 launch cost, since no op synchronises with the host), over the shapes of PERFORMANCE.md; plus
 top-k alone against torch.topk. Prints one table last (card named) and writes the full JSON.
@@ -54,6 +55,8 @@ PAGE = 64
 MASK_VARIANTS = ("dense", "misa")
 GRAPH_VARIANTS = ("dense", "misa", "dense fp8", "misa fp8", "dense paged", "misa paged",
                   "misa paged cached", "dense paged fp8", "misa paged cached fp8")
+# Graph rows for decode and short prefill (1024 x 64K), whose plain calls are partly host-bound.
+GRAPH_PAIRS = 1024 * 65536
 # Mask rows only where the mask stays small enough to sit beside the inputs (1 GiB bool).
 MASK_ENTRIES = 1 << 30
 
@@ -182,7 +185,7 @@ def bench_shape(label, batch, queries, keys, heads, run_torch, run_compile, vari
                  **calls}
     if variants is not None:
         calls = {name: call for name, call in calls.items() if name.split(" ")[0] in variants}
-    if queries == 1:
+    if batch * queries * keys <= GRAPH_PAIRS:
         for name in [name for name in GRAPH_VARIANTS if name in calls]:
             replay, outputs = captured(fixed[name])
             calls[f"{name} graph"] = replay
