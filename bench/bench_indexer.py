@@ -304,7 +304,8 @@ def bench_topk_alone():
             ours = time_call(lambda: topk_rows(x, K_TOP, values, indices))
         ref = time_call(lambda: x.topk(K_TOP, dim=-1, sorted=False))
         ref_bf16 = time_call(lambda: x.to(torch.bfloat16).topk(K_TOP, dim=-1, sorted=False))
-        same = bool(torch.equal(values.sort(-1).values, x.topk(K_TOP, dim=-1).values.sort(-1).values))
+        expected = x.topk(K_TOP, dim=-1).values.sort(-1).values
+        same = bool(torch.equal(values.sort(-1).values, expected))
         rows.append(dict(rows=n_rows, width=width, ours_ms=ours, torch_fp32_ms=ref,
                          torch_bf16_ms=ref_bf16, speedup=ref / ours, exact=same))
         print(json.dumps(rows[-1]), flush=True)
@@ -339,8 +340,9 @@ def table(device, ceilings, rows, topk_rows_):
     lines += ["", "| top-k k=2048 fp32 rows x width | ours ms | torch.topk fp32 ms | "
               "torch.topk bf16 ms | speedup vs fp32 | exact |", "|---|---|---|---|---|---|"]
     for r in topk_rows_:
-        lines.append(f"| {r['rows']} x {r['width']} | {r['ours_ms']:.3f} | {r['torch_fp32_ms']:.3f} "
-                     f"| {r['torch_bf16_ms']:.3f} | {r['speedup']:.2f}x | {r['exact']} |")
+        lines.append(f"| {r['rows']} x {r['width']} | {r['ours_ms']:.3f} "
+                     f"| {r['torch_fp32_ms']:.3f} | {r['torch_bf16_ms']:.3f} "
+                     f"| {r['speedup']:.2f}x | {r['exact']} |")
     return "\n".join(lines)
 
 
