@@ -9,13 +9,18 @@ key ranges (what the pass hands the kernels when it folds a packed-sequence mask
 routed top-8192 stage by stage, and MISA with a bool mask against causal=True; what the
 candidate append costs MISA's EMIT; the router's stages, and its scores kernel with other tiles;
 MISA's stages and the decode ops with FP8 inputs against bf16; decode scoring with other tiles
-(dense and routed, contiguous and paged, bf16 and FP8 keys).
+(dense and routed, contiguous and paged, bf16 and FP8 keys); the host time of plain op calls
+and the functions it goes to.
 
     python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import statistics
+import time
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
@@ -391,6 +396,44 @@ def decode_tiles(out, batch=64, T=65536, H=64, h=8):
         out[f"decode tiles {form} read keys (sum)"] = ms(lambda: keys.sum())
 
 
+def host_time(out, T=65536, H=64, h=8, K=2048, calls=20):
+    """Host time of plain op calls (the time to issue a call's launches, GPU idle before it),
+    MISA against dense at 1024 x 64K and in paged decode 64 x 64K, and where it goes: the
+    functions with the most own time over `calls` calls (cProfile)."""
+    ops = torch.ops.misa
+    q, k, w = make_inputs(1, 1024, T, H)
+    heads = route_heads(q, k, w, h, 1024, True, None, None)
+    qd, kd, wd = make_inputs(64, 1, T, H)
+    k_cache, table, lens, _ = paged_cache(kd)
+    pooled = ops.paged_pooled_keys(k_cache, table, lens, 1024)
+    cases = {
+        "1024x64K dense_topk": lambda: ops.dense_topk(q, k, w, K, 1.0, True),
+        "1024x64K route_heads": lambda: ops.route_heads(q, k, w, h, 1024),
+        "1024x64K routed_topk": lambda: ops.routed_topk(q, k, w, heads, K, 1.0, True),
+        "paged decode dense": lambda: ops.paged_decode_topk(qd[:, 0], k_cache, wd[:, 0], table,
+                                                            lens, K),
+        "paged decode misa cached": lambda: ops.paged_decode_topk(
+            qd[:, 0], k_cache, wd[:, 0], table, lens, K, h, 1024, pooled_keys=pooled)}
+    for name, call in cases.items():
+        call()
+        issue = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            issue.append((time.perf_counter() - start) * 1e3)
+        out[f"host.{name} issue ms"] = statistics.median(issue)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            call()
+        profiler.disable()
+        torch.cuda.synchronize()
+        print(f"host time of {calls} calls, {name}: functions by own time", flush=True)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
     queries, router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
@@ -510,7 +553,7 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
 
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
                 scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages,
-                decode_tiles=decode_tiles,
+                decode_tiles=decode_tiles, host=host_time,
                 masked=masked, wide=wide_rows, router=router, fp8=fp8_against_bf16,
                 sampled=sampled_scores)
 
