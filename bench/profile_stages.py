@@ -437,7 +437,7 @@ def host_time(out, T=65536, H=64, h=8, K=2048, calls=20):
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
     queries, router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
-    default, and pooled_keys with other (BLOCK_T, warps) tiles (default (64, 4) first)."""
+    default, and pooled_keys with other (BLOCK_T, warps) tiles (the default is (256, 8))."""
     default_tile, default_pooling = rs.router_tile, rs.pooling_tile
     k = make_inputs(1, 1, T, H)[1]
     for tile in [(128, 4), (128, 8), (256, 8)]:
