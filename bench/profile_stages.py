@@ -376,7 +376,7 @@ def decode_tiles(out, batch=64, T=65536, H=64, h=8):
         cases = {"dense": (qq, ww), "routed": (q_r, w_r)}
         for tile in tiles:
             if tile is not None:
-                qsc.query_tile = lambda block_h, key_bytes, tile=tile: tile
+                qsc.query_tile = lambda block_h, key_bytes, gathered, tile=tile: tile
             try:
                 for name, (qx, wx) in cases.items():
                     label = f"decode tiles {form} {name} {tile or 'default'}"

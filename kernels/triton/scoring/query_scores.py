@@ -138,16 +138,22 @@ def query_scores_kernel(
         BLOCK_H, BLOCK_N, BLOCK_D)
 
 
-def query_tile(block_h: int, key_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_N keys a tile, num_warps, num_stages) of score_query_keys for BLOCK_H head slots
-    and keys of key_bytes bytes an element."""
+def query_tile(block_h: int, key_bytes: int, gathered: bool) -> tuple[int, int, int]:
+    """(BLOCK_N keys a tile, num_warps, num_stages) of score_query_keys for BLOCK_H head slots,
+    keys of key_bytes bytes an element, and gathered (candidate) keys or a run of keys."""
     if INTERPRET:
         return 16, 1, 1
     # 64-key tiles with 4 warps measured fastest on an H100 for the gathered re-rank (64 heads,
-    # 3.84 ms against 4.62 ms with 128-key tiles at 8192 x 8192 candidates) and as fast as any
-    # other tile for contiguous decode (8 and 64 heads, within 2% of the key-read time).
+    # 3.84 ms against 4.62 ms with 128-key tiles at 8192 x 8192 candidates). Decode over a run
+    # of keys (H200, 64 x 64K, docs/results/decode_tiles_host_h200.json, paged / contiguous):
+    # 128-key tiles win for 8 routed bf16 heads (0.287 / 0.264 ms against 0.323 / 0.265) and
+    # for 64 FP8 heads (0.185 / 0.166 against 0.233 / 0.178), and lose for 64 bf16 heads
+    # (0.323 against 0.308 paged) and 8 FP8 heads (0.181 against 0.164). A measured choice:
+    # no simple rule of bytes or math per key orders all four.
     # fp32 tiles are twice as large: three stages would not fit shared memory.
-    return 64, 4 if block_h <= 64 else 8, 2 if key_bytes >= 4 else 3
+    wide = not gathered and ((block_h <= 16 and key_bytes == 2)
+                             or (block_h >= 64 and key_bytes == 1))
+    return 128 if wide else 64, 4 if block_h <= 64 else 8, 2 if key_bytes >= 4 else 3
 
 
 def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal: bool,
@@ -170,7 +176,7 @@ def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal:
     sstr = k_scale.stride() if k_scale is not None else (0, 0)
     assert mask is None or block_table is None, "the paged op has no mask"
     mask_t, mask_kind, mstr = mask_operand(mask, batch, queries, T)
-    block_n, warps, stages = query_tile(block_h, k.element_size())
+    block_n, warps, stages = query_tile(block_h, k.element_size(), candidates is not None)
     operands = dict(
         q_ptr=q, k_ptr=k, w_ptr=w, cand_ptr=candidates if candidates is not None else dummy,
         ks_ptr=key_start if ragged else dummy, ke_ptr=key_end if ragged else dummy,
