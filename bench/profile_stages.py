@@ -40,7 +40,7 @@ from misa_compile.kernels.triton.scoring.block_visibility import block_visibilit
 from misa_compile.kernels.triton.scoring import router_scores as rs
 from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 from misa_compile.kernels.triton.launch.route_heads import route_heads
-from misa_compile.kernels.triton.launch.scored_topk import gather_routed
+from misa_compile.kernels.triton.scoring.routed_inputs import routed_inputs
 from misa_compile.kernels.triton.selection.hidden_tails import hidden_tails
 from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
 from workloads import make_inputs, quantize_fp8
@@ -77,8 +77,8 @@ def scoring(out, S=8192, T=65536, H=64, h=8, chunk=4096):
     vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
     heads = route_heads(q, k, w, h, 1024, True, None, None)
     out["misa.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None, None))
-    out["misa.gather_heads"] = ms(lambda: gather_heads(q, w, heads))
-    q_r, w_r = gather_heads(q, w, heads)
+    out["misa.routed_inputs"] = ms(lambda: routed_inputs(q, w, heads))
+    q_r, w_r, _ = routed_inputs(q, w, heads)
     scores = torch.empty(1, chunk, T, device="cuda")
     n_chunks = S // chunk
     cases = {
@@ -335,8 +335,8 @@ def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
                         kbar=pooled)
     out["paged.route_heads cached"] = ms(lambda: route_heads(
         q, k_cache, w, h, 1024, **vis, block_table=table, seq_lens=lens, kbar=pooled))
-    out["paged.gather_routed"] = ms(lambda: gather_routed(q, w, heads))
-    q_r, w_r = gather_routed(q, w, heads)
+    out["paged.routed_inputs"] = ms(lambda: routed_inputs(q, w, heads))
+    q_r, w_r, _ = routed_inputs(q, w, heads)
     out["paged.query_scores routed"] = ms(lambda: query_scores(
         q_r, k_cache, w_r, scores, rows=1, row0=0, scale=1.0, block_table=table, **vis))
     values = torch.empty(batch, 1, K, device="cuda")
@@ -372,7 +372,7 @@ def decode_tiles(out, batch=64, T=65536, H=64, h=8):
         k_cache, table, lens, paged_scale = paged_cache(kk, k_scale=ks)
         end = lens.view(batch, 1)
         ranges = dict(causal=False, key_start=torch.zeros_like(end), key_end=end)
-        q_r, w_r = gather_routed(qq, ww, heads)
+        q_r, w_r, _ = routed_inputs(qq, ww, heads)
         cases = {"dense": (qq, ww), "routed": (q_r, w_r)}
         for tile in tiles:
             if tile is not None:
@@ -484,8 +484,8 @@ def fp8_against_bf16(out, T=65536, H=64, h=8, K=2048):
             out[name + "route_heads"] = ms(lambda: route_heads(qq, kk, w_eff, h, 1024, True, None,
                                                                None, k_scale=ks))
             heads = route_heads(qq, kk, w_eff, h, 1024, True, None, None, k_scale=ks)
-            out[name + "gather"] = ms(lambda: gather_routed(qq, w_eff, heads))
-            q_r, w_r = gather_routed(qq, w_eff, heads)
+            out[name + "routed_inputs"] = ms(lambda: routed_inputs(qq, ww, heads, qs))
+            q_r, w_r, _ = routed_inputs(qq, ww, heads, qs)
             vis = dict(causal=True, key_start=None, key_end=None, scale=1.0, k_scale=ks)
             fused_emit_path(q_r, kk, w_r, vis, K=K, out=out, prefix=name)
             out[name + "op routed_topk"] = ms(lambda: ops.routed_topk(
@@ -527,7 +527,7 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
         sample = torch.empty(1, S, plan.n_sample, device="cuda")
         for form, (qq, kk, ww, qs, ks) in {"bf16": (q, k, w, None, None),
                                            "fp8": (q8, k8, w, q_scale, k_scale)}.items():
-            q_r, w_r = gather_routed(qq, ww if qs is None else ww.float() * qs, heads)
+            q_r, w_r, _ = routed_inputs(qq, ww, heads, qs)
             vis = dict(causal=True, key_start=None, key_end=None, scale=1.0, k_scale=ks)
 
             def launch():

@@ -154,7 +154,7 @@ def test_rows_that_all_tie_are_rescored_exactly():
     q[0, 8:] = torch.randn(8, 8, 64, generator=gen, device="cuda").bfloat16()
     k = torch.randn(1, 20000, 64, generator=gen, device="cuda").bfloat16()
     w = torch.randn(1, 16, 8, generator=gen, device="cuda").bfloat16()
-    values, indices = scored_topk(q, k, w, None, K_TOP, 0.125, False, None, None)
+    values, indices = scored_topk(q, k, w, K_TOP, 0.125, False, None, None)
     scores = reference.dense_scores(q, k, w, 0.125, False, None, None).float()[0]
     assert (values[0, :8] == 0).all()
     assert ((indices >= 0) & (indices < 20000)).all()

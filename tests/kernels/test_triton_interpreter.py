@@ -28,6 +28,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from misa_compile.kernels.triton.launch.route_heads import route_heads
     from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
     from misa_compile.kernels.triton.launch.scored_topk import scored_topk
+    from misa_compile.kernels.triton.scoring.routed_inputs import routed_inputs
 
 FEW = settings(max_examples=4, deadline=None, derandomize=True)
 NEG_INF = float("-inf")
@@ -39,6 +40,14 @@ def make(batch, queries, keys, heads, dim=16, dtype=torch.float32, seed=0):
     k = torch.randn(batch, keys, dim, generator=gen).to(dtype)
     w = torch.randn(batch, queries, heads, generator=gen).to(dtype)
     return q, k, w
+
+
+def scored_inputs(q, w, heads):
+    """q, w as scored_topk takes them: every head, or each query's routed heads gathered."""
+    if heads is None:
+        return q, w
+    q_routed, w_routed, _ = routed_inputs(q, w, heads)
+    return q_routed, w_routed
 
 
 def ragged(batch, queries, keys, seed):
@@ -68,7 +77,8 @@ def test_scored_topk_matches_the_reference(causal, use_ragged, routed, dtype, ke
     q, k, w = make(2, 20, keys, 4, dtype=dtype, seed=keys)
     ks, ke = ragged(2, 20, keys, keys) if use_ragged else (None, None)
     heads = torch.stack([torch.randperm(4)[:2] for _ in range(40)]).view(2, 20, 2) if routed else None
-    values, indices = scored_topk(q, k, w, heads, k_top, 0.5, causal, ks, ke)
+    q_in, w_in = scored_inputs(q, w, heads)
+    values, indices = scored_topk(q_in, k, w_in, k_top, 0.5, causal, ks, ke)
     if routed:
         scores = reference.routed_scores(q, k, w, heads, 0.5, causal, ks, ke)
     else:
@@ -84,7 +94,8 @@ def test_sampled_threshold_path_matches_the_reference(routed):
     assert not plan_selection(k_top, keys).direct
     q, k, w = make(1, 16, keys, 4, seed=1)
     heads = torch.stack([torch.randperm(4)[:2] for _ in range(16)])[None] if routed else None
-    values, indices = scored_topk(q, k, w, heads, k_top, 1.0, True, None, None)
+    q_in, w_in = scored_inputs(q, w, heads)
+    values, indices = scored_topk(q_in, k, w_in, k_top, 1.0, True, None, None)
     scores = (reference.routed_scores(q, k, w, heads) if routed
               else reference.dense_scores(q, k, w))
     assert_same_selection(values, indices, scores.topk(k_top, dim=-1).values, scores)
@@ -94,7 +105,7 @@ def test_few_queries_take_the_heads_as_rows_kernel_with_hidden_tail_indices():
     q, k, w = make(3, 1, 80, 4, seed=2)
     ends = torch.tensor([[80], [3], [50]])
     starts = torch.tensor([[0], [1], [20]])
-    values, indices = scored_topk(q, k, w, None, 8, 1.0, False, starts, ends)
+    values, indices = scored_topk(q, k, w, 8, 1.0, False, starts, ends)
     scores = reference.dense_scores(q, k, w, 1.0, False, starts, ends)
     assert_same_selection(values, indices, scores.topk(8, dim=-1).values, scores)
     tail = indices[1, 0][~torch.isfinite(values[1, 0])]
@@ -105,7 +116,7 @@ def test_nan_scores_never_win():
     q, k, w = make(1, 16, 60, 4, seed=3)
     k[0, 7] = float("nan")
     q[0, 3, 1] = float("nan")
-    values, indices = scored_topk(q, k, w, None, 10, 1.0, True, None, None)
+    values, indices = scored_topk(q, k, w, 10, 1.0, True, None, None)
     assert not torch.isnan(values).any()
     assert not ((indices == 7) & torch.isfinite(values)).any()
     assert not torch.isfinite(values[0, 3]).any()

@@ -28,6 +28,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from misa_compile.kernels.triton.selection.row_topk import plan_selection
     from misa_compile.kernels.triton.launch import scored_topk as scored_topk_module
     from misa_compile.kernels.triton.launch.scored_topk import scored_topk
+    from misa_compile.kernels.triton.scoring.routed_inputs import routed_inputs
 
 NEG_INF = float("-inf")
 forms = pytest.mark.parametrize("form", MASK_FORMS, ids=FORM_IDS)
@@ -39,6 +40,14 @@ def make(batch, queries, keys, heads, dim=16, dtype=torch.float32, seed=0):
     k = torch.randn(batch, keys, dim, generator=gen).to(dtype)
     w = torch.randn(batch, queries, heads, generator=gen).to(dtype)
     return q, k, w
+
+
+def scored_inputs(q, w, heads):
+    """q, w as scored_topk takes them: every head, or each query's routed heads gathered."""
+    if heads is None:
+        return q, w
+    q_routed, w_routed, _ = routed_inputs(q, w, heads)
+    return q_routed, w_routed
 
 
 def assert_same_selection(values, indices, scores, k_top):
@@ -82,7 +91,8 @@ def test_direct_selection_with_mask(form, routed):
     mask = make_mask(form, 2, 20, 40, seed=3)
     heads = routed_heads(2, 20, 4, 2, 4) if routed else None
     ks = torch.randint(0, 10, (2, 20), generator=torch.Generator().manual_seed(5))
-    values, indices = scored_topk(q, k, w, heads, 8, 1.0, False, ks, ks + 25, mask=mask)
+    q_in, w_in = scored_inputs(q, w, heads)
+    values, indices = scored_topk(q_in, k, w_in, 8, 1.0, False, ks, ks + 25, mask=mask)
     scores = (reference.routed_scores(q, k, w, heads, 1.0, False, ks, ks + 25, mask) if routed
               else reference.dense_scores(q, k, w, 1.0, False, ks, ks + 25, mask))
     assert_same_selection(values, indices, scores, 8)
@@ -97,7 +107,8 @@ def test_sampled_threshold_path_with_mask(form, routed):
     q, k, w = make(1, 16, keys, 4, seed=6)
     mask = make_mask(form, 1, 16, keys, seed=7)
     heads = routed_heads(1, 16, 4, 2, 8) if routed else None
-    values, indices = scored_topk(q, k, w, heads, k_top, 1.0, True, None, None, mask=mask)
+    q_in, w_in = scored_inputs(q, w, heads)
+    values, indices = scored_topk(q_in, k, w_in, k_top, 1.0, True, None, None, mask=mask)
     scores = (reference.routed_scores(q, k, w, heads, mask=mask) if routed
               else reference.dense_scores(q, k, w, mask=mask))
     assert_same_selection(values, indices, scores, k_top)
@@ -108,7 +119,7 @@ def test_few_queries_path_with_mask(form):
     # Fewer than 16 queries per sequence: the per-query kernel, then top-k of the rows.
     q, k, w = make(3, 2, 80, 4, dtype=torch.float16, seed=9)
     mask = make_mask(form, 3, 2, 80, seed=10)
-    values, indices = scored_topk(q, k, w, None, 8, 1.0, True, None, None, mask=mask)
+    values, indices = scored_topk(q, k, w, 8, 1.0, True, None, None, mask=mask)
     assert_same_selection(values, indices, reference.dense_scores(q, k, w, mask=mask), 8)
 
 
@@ -220,7 +231,7 @@ def test_masked_selection_gives_hidden_ids_to_its_empty_slots():
     # re-rank of the list never scores a visible key twice.
     q, k, w = make(1, 16, 300, 4, seed=19)
     mask = _window_mask(16, 300, 12)
-    values, indices = scored_topk(q, k, w, None, 20, 1.0, False, None, None, mask=mask)
+    values, indices = scored_topk(q, k, w, 20, 1.0, False, None, None, mask=mask)
     assert (torch.isfinite(values).sum(-1) == 12).all()
     hidden = ~mask.expand(1, 16, 300).gather(-1, indices)
     assert torch.equal(hidden, ~torch.isfinite(values))
@@ -298,7 +309,7 @@ def test_rows_redone_on_the_device_keep_their_mask(additive, monkeypatch):
         flagged.append(int(flags.sum()))
         return original(q, k, w, flags, *args, **kwargs)
     monkeypatch.setattr(scored_topk_module, "rescore_flagged_rows", spy)
-    values, indices = scored_topk(q, k, w, None, 10, 1.0, True, None, None, mask=mask)
+    values, indices = scored_topk(q, k, w, 10, 1.0, True, None, None, mask=mask)
     assert sum(flagged) > 0
     scores = reference.dense_scores(q, k, w, mask=mask)
     assert_same_selection(values, indices, scores, 10)

@@ -12,20 +12,23 @@ from torch.library import wrap_triton
 from ..common import INTERPRET, next_pow2
 from ..paging import checked_paging_kernel
 from ..scoring.query_scores import query_scores
+from ..scoring.routed_inputs import routed_inputs
 from .route_heads import route_heads
 from ..selection.row_topk import topk_rows
 from .device_checks import either, fold_query_scale, poison_selection, scale_faults
-from .scored_topk import gather_routed
 
 
 def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, k_top: int,
                       active_heads: int, block_size: int, scale: float,
+                      q_scale: Optional[torch.Tensor] = None,
                       k_scale: Optional[torch.Tensor] = None,
                       pooled_keys: Optional[torch.Tensor] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values fp32, indices int64) [B, min(k_top, pages * page)]; q [B, H, D], w [B, H] (a
-    per-query scale already folded in), k_cache [P, page, D], k_scale [P, page]. Unordered.
+                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(values fp32, indices int64) [B, min(k_top, pages * page)], unordered, and the faults
+    [B] of the queries (a q_scale [B, H] row with an entry not finite and > 0, or a routed head
+    id outside [0, H), which route_heads does not produce; None with neither q_scale nor
+    routing). q [B, H, D], w [B, H], k_cache [P, page, D], q_scale [B, H], k_scale [P, page].
     pooled_keys: the router's cached block means (paged_pooled_keys), so it reads no key."""
     batch = q.shape[0]
     T = block_table.shape[1] * k_cache.shape[1]
@@ -34,12 +37,19 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     K = min(k_top, T)
     q, w = q[:, None], w[:, None]
+    q_scale = None if q_scale is None else q_scale[:, None]
     key_end = seq_lens.view(batch, 1)
     vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
     if active_heads:
-        heads = route_heads(q, k_cache, w, active_heads, block_size, **vis, k_scale=k_scale,
-                            block_table=block_table, seq_lens=seq_lens, kbar=pooled_keys)
-        q, w = gather_routed(q, w, heads)
+        # The router weighs all H heads: it takes the folded w of every head.
+        heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads, block_size,
+                            **vis, k_scale=k_scale, block_table=block_table, seq_lens=seq_lens,
+                            kbar=pooled_keys)
+        q, w, faults = routed_inputs(q, w, heads, q_scale)
+        faults = faults[:, 0]
+    else:
+        w = fold_query_scale(w, q_scale)
+        faults = None if q_scale is None else scale_faults(q_scale, None)[:, 0]
     scores = torch.empty(batch, 1, T, dtype=torch.float32, device=q.device)
     query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
                  block_table=block_table, **vis)
@@ -47,7 +57,7 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     indices = torch.empty(batch, 1, K, dtype=torch.int64, device=q.device)
     # -inf tail entries point past the sequence's end: hidden keys, as in the unpaged ops.
     topk_rows(scores, K, values, indices, tail_base=seq_lens.long())
-    return values[:, 0], indices[:, 0]
+    return values[:, 0], indices[:, 0], faults
 
 
 def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_heads, block_size,
@@ -56,11 +66,10 @@ def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_hea
     of used pages outside [0, P) are clamped before any kernel reads them, and their sequence's
     row is poisoned (values NaN, indices -1), as is a row with a bad scale."""
     block_table, lengths, faults = checked_paging(k_cache, block_table, seq_lens, k_scale)
-    faults = either(faults, scale_faults(q_scale, None))
-    values, indices = paged_decode_topk(
-        q, k_cache, fold_query_scale(w, q_scale), block_table, lengths, k_top, active_heads,
-        block_size, scale, k_scale=k_scale, pooled_keys=pooled_keys)
-    return poison_selection(values, indices, faults)
+    values, indices, query_faults = paged_decode_topk(
+        q, k_cache, w, block_table, lengths, k_top, active_heads, block_size, scale,
+        q_scale=q_scale, k_scale=k_scale, pooled_keys=pooled_keys)
+    return poison_selection(values, indices, either(faults, query_faults))
 
 
 def checked_paging(k_cache, block_table, seq_lens, k_scale=None):

@@ -8,11 +8,12 @@ Per chunk of queries (extra memory O(chunk x (T/16 + capacity)), never O(chunk x
   3. candidate_topk selects exactly within each list and flags the rare row whose threshold
      missed; flagged rows are rescored and selected exactly on the device
      (selection/flagged_topk.py), so nothing waits on the host.
-Routed heads are gathered once into contiguous [B, S, h, D] / [B, S, h] tensors, so routed
-scoring is the dense kernel over h heads with plain strided loads (measured 27% faster on an
-H100 than gathering through the head table inside the kernel's loads). Chunks whose keys fit a
-candidate list (short contexts) are scored in full and selected directly. Few queries per
-sequence (decode) take the per-query kernel (query_scores) and select with topk_rows.
+The routed op hands in its heads already gathered into contiguous [B, S, h, D] / [B, S, h]
+tensors (scoring/routed_inputs.py), so routed scoring is the dense kernel over h heads with
+plain strided loads (measured 27% faster on an H100 than gathering through the head table
+inside the kernel's loads). Chunks whose keys fit a candidate list (short contexts) are scored
+in full and selected directly. Few queries per sequence (decode) take the per-query kernel
+(query_scores) and select with topk_rows.
 Causal chunks only launch key tiles up to their last visible key. The op's mask (bool or
 additive, any shape broadcastable to [B, S, T]) goes to every scoring kernel, read through its
 strides; masked selections then get hidden ids in their -inf slots (hidden_tails.py).
@@ -26,7 +27,6 @@ from typing import Optional
 
 import torch
 
-from ...torch_impl import gather_heads
 from ..selection.candidate_topk import MAX_ROW, candidate_topk
 from ..selection.flagged_topk import rescore_flagged_rows
 from ..selection.hidden_tails import hidden_tails
@@ -64,31 +64,20 @@ def _chunk_rows(batch: int, queries: int, bytes_per_row: int, chunk: int) -> int
     return max(128, min(queries, rows // 128 * 128))
 
 
-def gather_routed(q: torch.Tensor, w: torch.Tensor, heads: torch.Tensor):
-    """q [B, S, h, D], w [B, S, h] of each query's routed heads (ids in [0, H))."""
-    if q.element_size() == 1:
-        # torch.gather has no float8 kernels: the bytes move as uint8.
-        q_bytes, w_routed = gather_heads(q.view(torch.uint8), w, heads)
-        return q_bytes.view(q.dtype), w_routed
-    return gather_heads(q, w, heads)
-
-
-def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, heads: Optional[torch.Tensor],
-                k_top: int, scale: float, causal: bool, key_start: Optional[torch.Tensor],
-                key_end: Optional[torch.Tensor], chunk: int = 0,
-                k_scale: Optional[torch.Tensor] = None,
+def scored_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_top: int, scale: float,
+                causal: bool, key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+                chunk: int = 0, k_scale: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-min(k_top, T) keys per query of the index score over all heads (heads=None) or over
-    each query's routed heads [B, S, h]. Returns (values fp32, indices int64) [B, S, K],
-    unordered; see ops.py for the conventions. k_scale [B, T] fp32 dequantizes FP8 keys (each
-    key's score is multiplied by it); a per-query scale is folded into w by the caller. `mask`:
-    the op's bool or additive mask, any shape broadcastable to [B, S, T]."""
+    """Top-min(k_top, T) keys per query of the index score over every head of q [B, S, H, D] and
+    w [B, S, H] (all heads for the dense op, the gathered routed heads for the routed one).
+    Returns (values fp32, indices int64) [B, S, K], unordered; see ops.py for the conventions.
+    k_scale [B, T] fp32 dequantizes FP8 keys (each key's score is multiplied by it); a
+    per-query scale is folded into w by the caller. `mask`: the op's bool or additive mask, any
+    shape broadcastable to [B, S, T]."""
     batch, queries, _, _ = q.shape
     T = k.shape[1]
     K = min(k_top, T)
     device = q.device
-    if heads is not None:
-        q, w = gather_routed(q, w, heads)
     values = torch.empty(batch, queries, K, dtype=torch.float32, device=device)
     indices = torch.empty(batch, queries, K, dtype=torch.int64, device=device)
     vis = dict(causal=causal, key_start=key_start, key_end=key_end, scale=scale, k_scale=k_scale,
