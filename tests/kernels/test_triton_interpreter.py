@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from misa_compile.kernels.triton.common import append_candidates
     from misa_compile.kernels.triton.launch.hisa_candidates import hisa_candidates
     from misa_compile.kernels.triton.launch.rerank_topk import rerank_topk
-    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys, router_scores
     from misa_compile.kernels.triton.launch.route_heads import route_heads
     from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
     from misa_compile.kernels.triton.launch.scored_topk import scored_topk
@@ -263,6 +263,27 @@ def test_router_picks_the_reference_top_heads(causal, use_ragged, block):
     torch.testing.assert_close(r.gather(-1, heads).sort(-1).values,
                                r.topk(3, dim=-1).values.sort(-1).values)
     assert (heads.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def empty_and_ragged(batch, queries, keys, seed):
+    """Ragged ranges where every third query's is empty: key_start == key_end = 13, inside
+    the second block of 8 keys (a block that overlaps [13, 13) if only its ends are compared)."""
+    key_start, key_end = ragged(batch, queries, keys, seed)
+    key_end = key_end.clamp(min=key_start + 1)
+    key_start[:, ::3] = 13
+    key_end[:, ::3] = 13
+    return key_start, key_end
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_router_scores_of_an_empty_range_are_zero(causal):
+    q, k, w = make(2, 9, 70, 6, seed=3)
+    ks, ke = empty_and_ragged(2, 9, 70, 3)
+    kbar = pooled_keys(k, 8)
+    scores = router_scores(q, w, kbar, 8, 70, causal, ks, ke)
+    ref = reference.router_scores(q, k, w, 8, causal, ks, ke)
+    assert (ref[:, ::3] == 0).all()
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @FEW

@@ -124,6 +124,8 @@ def router_scores_kernel(
     j = pair % H
     lo, hi = visible_range(b, t, pair_ok, ks_ptr, ke_ptr, stride_rb, stride_rs, T, queries,
                            CAUSAL, RAGGED)
+    # An empty range sees no block, not even the one holding lo (as the reference).
+    has_keys = pair_ok & (lo < hi)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q_rows = (q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs
@@ -139,7 +141,7 @@ def router_scores_kernel(
         per_block = tl.dot(q_tile, tl.trans(kbar), input_precision="tf32x3")
         first = blocks * block
         visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
-                   & (blocks < n_blocks)[None, :] & pair_ok[:, None])
+                   & (blocks < n_blocks)[None, :] & has_keys[:, None])
         # With a mask, the blocks that hold a key the query sees (block_visibility.py).
         visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
                                     stride_vb, stride_vs, stride_vn, BLOCK_MASK)
