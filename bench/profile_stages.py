@@ -7,7 +7,8 @@ top-k, the whole op), causal prefill given as causal=True against the same visib
 key ranges (what the pass hands the kernels when it folds a packed-sequence mask), and decode at
 64 sequences x 64K keys (contiguous, and paged with cached pooled keys); MISA-hierarchical's
 routed top-8192 stage by stage, and MISA with a bool mask against causal=True; what the
-candidate append costs MISA's EMIT; the router's stages, and its scores kernel with other tiles;
+candidate append costs MISA's EMIT; the router's stages, its scores kernel with the top-h
+heads selected in it or by candidate_topk, and with other tiles;
 MISA's stages and the decode ops with FP8 inputs against bf16; decode scoring with other tiles
 (dense and routed, contiguous and paged, bf16 and FP8 keys); the host time of plain op calls
 and the functions it goes to.
@@ -436,8 +437,11 @@ def host_time(out, T=65536, H=64, h=8, K=2048, calls=20):
 
 def router(out, T=65536, H=64, h=8):
     """The router's stages (pooled keys, per-head router scores, top-h heads) at 8192 and 1024
-    queries, router_scores with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
-    default, and pooled_keys with other (BLOCK_T, warps) tiles (the default is (256, 8))."""
+    queries: the scores kernel selecting the heads itself (router_top_heads, what route_heads
+    launches for H = 64) against the scores written then selected by candidate_topk (the path
+    of other H); both kernels with other (BLOCK_R, BLOCK_NB, warps, stages) tiles than the
+    default (router_top_heads only where a tile holds whole queries), and pooled_keys with
+    other (BLOCK_T, warps) tiles (the default is (256, 8))."""
     default_tile, default_pooling = rs.router_tile, rs.pooling_tile
     k = make_inputs(1, 1, T, H)[1]
     for tile in [(128, 4), (128, 8), (256, 8)]:
@@ -458,13 +462,17 @@ def router(out, T=65536, H=64, h=8):
         out[f"router {S}.route_heads"] = ms(lambda: route_heads(q, k, w, h, 1024, True, None,
                                                                 None))
         # (BLOCK_R (query, head) pairs, BLOCK_NB pooled keys, warps, stages)
-        tiles = [default_tile(S), (64, 64, 4, 1), (64, 64, 4, 3), (64, 16, 4, 1),
+        tiles = [default_tile(S, H), (64, 64, 4, 1), (64, 64, 4, 3), (64, 16, 4, 1),
                  (128, 32, 8, 1), (128, 64, 8, 2), (32, 32, 4, 1)]
         for tile in tiles:
-            rs.router_tile = lambda queries, tile=tile: tile
+            rs.router_tile = lambda queries, heads, tile=tile: tile
             try:
                 out[f"router {S}.router_scores {tile}"] = ms(
                     lambda: rs.router_scores(q, w, kbar, 1024, T, True, None, None))
+                if rs.selects_heads(S, H):
+                    out[f"router {S}.router_top_heads {tile}"] = ms(
+                        lambda: rs.router_top_heads(q, w, kbar, 1024, T, True, None, None,
+                                                    None, h))
             finally:
                 rs.router_tile = default_tile
 

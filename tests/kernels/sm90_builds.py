@@ -108,6 +108,10 @@ def record_launches() -> list:
                        ids=torch.zeros(1, 512, width, dtype=torch.int32),
                        count=torch.zeros(512, dtype=torch.int32), lo=torch.zeros(512),
                        flags=torch.zeros(512, dtype=torch.int8))
+    # The router of GLM-5's 32 heads (top heads selected in the scores kernel, as for 64), and
+    # of a head count that is no power of two (scores, then candidate_topk).
+    for num_heads in (32, 48):
+        route_heads_op(*inputs(1, S, T, heads=num_heads), 8, 1024, True, *none3)
     # Every key row of a short context at once (the direct path), and fp32 / FP8 inputs.
     dense_topk_op(*inputs(1, 64, 3000), K, 1.0, True, *none3)
     dense_topk_op(*inputs(1, S, T, dtype=torch.float32), K, 1.0, True, *none3)

@@ -24,7 +24,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from misa_compile.kernels.triton.common import append_candidates
     from misa_compile.kernels.triton.launch.hisa_candidates import hisa_candidates
     from misa_compile.kernels.triton.launch.rerank_topk import rerank_topk
-    from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.scoring.router_scores import (pooled_keys, router_scores,
+                                                                   selects_heads)
+    from misa_compile.kernels.triton.launch import route_heads as route_heads_module
     from misa_compile.kernels.triton.launch.route_heads import route_heads
     from misa_compile.kernels.triton.selection.row_topk import plan_selection, topk_rows
     from misa_compile.kernels.triton.launch.scored_topk import scored_topk
@@ -274,6 +276,73 @@ def test_router_picks_the_reference_top_heads(causal, use_ragged, block):
     torch.testing.assert_close(r.gather(-1, heads).sort(-1).values,
                                r.topk(3, dim=-1).values.sort(-1).values)
     assert (heads.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def empty_and_ragged(batch, queries, keys, seed):
+    """Ragged ranges where every third query's is empty: key_start == key_end = 13, inside
+    the second block of 8 keys (a block that overlaps [13, 13) if only its ends are compared)."""
+    key_start, key_end = ragged(batch, queries, keys, seed)
+    key_end = key_end.clamp(min=key_start + 1)
+    key_start[:, ::3] = 13
+    key_end[:, ::3] = 13
+    return key_start, key_end
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_router_scores_of_an_empty_range_are_zero(causal):
+    q, k, w = make(2, 9, 70, 6, seed=3)
+    ks, ke = empty_and_ragged(2, 9, 70, 3)
+    kbar = pooled_keys(k, 8)
+    scores = router_scores(q, w, kbar, 8, 70, causal, ks, ke)
+    ref = reference.router_scores(q, k, w, 8, causal, ks, ke)
+    assert (ref[:, ::3] == 0).all()
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def lower_index_top_heads(r, active_heads):
+    """The reference's top heads with ties broken towards the lower head index (what the kernels
+    promise; torch.topk leaves ties unspecified), NaN ranking lowest, as sorted sets."""
+    ranked = torch.nan_to_num(r, nan=NEG_INF).sort(dim=-1, descending=True, stable=True)
+    return ranked.indices[..., :active_heads].sort(-1).values
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,active", [(32, 1), (32, 8), (32, 32), (64, 1), (64, 8), (64, 64)])
+def test_fused_router_selection_picks_the_reference_head_sets(heads, active, causal, monkeypatch):
+    queries, keys = 8, 70
+    q, k, w = make(2, queries, keys, heads, seed=heads + active)
+    ks, ke = empty_and_ragged(2, queries, keys, heads)
+    # Exact ties, equal in fp32 and float64 alike: query 1's heads in runs of three equal ones
+    # (a top-h boundary cuts a run), query 2's all equal, query 4's second half the first with
+    # w negated (|w| enters the score).
+    q[:, 1], w[:, 1] = q[:, 1, ::3].repeat_interleave(3, 1)[:, :heads], w[:, 1, :1]
+    q[:, 2], w[:, 2] = q[:, 2, :1], w[:, 2, :1]
+    q[:, 4, heads // 2:], w[:, 4, heads // 2:] = q[:, 4, :heads // 2], -w[:, 4, :heads // 2]
+    # NaN heads rank last: some of query 5's q rows; every w of query 7 (all -inf: the lowest
+    # heads). Both see keys. Queries 0, 3 and 6 see none (all scores 0: the lowest heads too).
+    q[:, 5, 1::5, 3] = float("nan")
+    w[:, 7] = float("nan")
+    ks[:, 5], ke[:, 5] = 0, keys
+    ks[:, 7], ke[:, 7] = 0, keys
+
+    def no_second_launch(*args, **kwargs):
+        raise AssertionError("the fused router launched candidate_topk")
+
+    assert selects_heads(queries, heads)
+    with monkeypatch.context() as patch:
+        patch.setattr(route_heads_module, "selects_heads", lambda *args: False)
+        unfused = route_heads(q, k, w, active, 8, causal, ks, ke).sort(-1).values
+    monkeypatch.setattr(route_heads_module, "candidate_topk", no_second_launch)
+    chosen = route_heads(q, k, w, active, 8, causal, ks, ke)
+    assert chosen.dtype == torch.int64 and chosen.shape == (2, queries, active)
+    chosen = chosen.sort(-1).values
+    assert (chosen.diff(dim=-1) > 0).all() and ((chosen >= 0) & (chosen < heads)).all()
+    expect = lower_index_top_heads(reference.router_scores(q, k, w, 8, causal, ks, ke), active)
+    assert torch.equal(chosen, expect)
+    # The scores and candidate_topk (the path of other H) break ties the same way.
+    assert torch.equal(unfused, expect)
+    assert torch.equal(chosen[:, 6], torch.arange(active).expand(2, active))
+    assert torch.equal(chosen[:, 7], torch.arange(active).expand(2, active))
 
 
 @FEW

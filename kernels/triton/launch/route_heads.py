@@ -1,5 +1,6 @@
 """misa::route_heads on the GPU: the MISA router (scoring/router_scores.py: pooled block keys,
-per-head router scores), then the top-h heads of each query (candidate_topk)."""
+per-head router scores and, for H a power of two up to the scores kernel's tile, each query's
+top-h heads in the same kernel); for other H the scores, then candidate_topk."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,8 @@ from typing import Optional
 import torch
 
 from ..scoring.block_visibility import block_visibility
-from ..scoring.router_scores import pooled_keys, router_scores
+from ..scoring.router_scores import (pooled_keys, router_scores, router_top_heads,
+                                     selects_heads)
 from ..selection.candidate_topk import candidate_topk
 from .device_checks import fold_query_scale, poison_ids, scale_faults
 
@@ -35,8 +37,11 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
     blocks_seen = (None if mask is None else
                    block_visibility(mask, batch, queries, T, block_size, causal, key_start,
                                     key_end))
-    scores = router_scores(q, w, kbar, block_size, T, causal, key_start, key_end, blocks_seen)
-    # Top-h heads per query; among equal scores the lower head index wins.
+    router = (q, w, kbar, block_size, T, causal, key_start, key_end, blocks_seen)
+    if selects_heads(queries, num_heads):
+        return router_top_heads(*router, active_heads)
+    scores = router_scores(*router)
+    # Top-h heads per query; among equal scores the lower head index wins (as router_top_heads).
     out = torch.empty(batch, queries, active_heads, dtype=torch.int64, device=q.device)
     top_scores = torch.empty(batch, queries, active_heads, dtype=torch.float32, device=q.device)
     candidate_topk(scores, active_heads, num_heads, top_scores, out)
