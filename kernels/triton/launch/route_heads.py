@@ -1,6 +1,6 @@
 """misa::route_heads on the GPU: the MISA router (scoring/router_scores.py: pooled block keys,
-per-head router scores and, for H a power of two up to the scores kernel's tile, each query's
-top-h heads in the same kernel); for other H the scores, then candidate_topk."""
+per-head router scores), then the top-h heads of each query: in the scores kernel itself for
+decode calls (few queries, H a power of two up to its tile), else by candidate_topk."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,6 +11,7 @@ from ..scoring.block_visibility import block_visibility
 from ..scoring.router_scores import (pooled_keys, router_scores, router_top_heads,
                                      selects_heads)
 from ..selection.candidate_topk import candidate_topk
+from .scored_topk import FEW_QUERIES
 from .device_checks import fold_query_scale, poison_ids, scale_faults
 
 
@@ -38,7 +39,11 @@ def route_heads(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, active_heads:
                    block_visibility(mask, batch, queries, T, block_size, causal, key_start,
                                     key_end))
     router = (q, w, kbar, block_size, T, causal, key_start, key_end, blocks_seen)
-    if selects_heads(queries, num_heads):
+    # The fused selection saves a launch but makes the scores kernel slower (H100, 64 x 64K:
+    # 0.304 ms against 0.226 + 0.046 for scores and candidate_topk at 8192 queries, equal at
+    # 1024; docs/results/router_topk_decode_tile_h100.json): it pays only where launches
+    # dominate, for the few queries of a decode call.
+    if queries < FEW_QUERIES and selects_heads(queries, num_heads):
         return router_top_heads(*router, active_heads)
     scores = router_scores(*router)
     # Top-h heads per query; among equal scores the lower head index wins (as router_top_heads).
