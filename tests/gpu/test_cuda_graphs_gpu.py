@@ -168,7 +168,8 @@ def test_inductor_traces_into_the_kernels():
     (dense, sparse), code = run_and_get_code(compiled, q, k, w)
     source = "\n".join(code)
     assert "torch.ops.misa." not in source
-    for kernel in ("index_scores_kernel", "candidate_topk_kernel", "router_scores_kernel"):
+    for kernel in ("index_scores_kernel", "candidate_topk_kernel", "router_scores_kernel",
+                   "routed_inputs_kernel"):
         assert kernel in source, kernel
     want_dense, want_sparse = indexer(q, k, w)
     # Inductor compiles and tunes the kernels itself, so a score may differ in its last bits
