@@ -1,7 +1,10 @@
-"""misa::paged_decode_topk on the GPU: the unpaged decode path of select.py (router, routed head
-gather, per-query scores, top-k of the score rows) with the kernels reading keys straight
-from their pages. Nothing copies the pages into contiguous keys: decode is bound by key reads,
-and a gather would read and write every key once more."""
+"""misa::paged_decode_topk on the GPU: per-query scores of each sequence's keys, read straight
+from their pages, then the top-k of the score rows. Nothing copies the pages into contiguous
+keys: decode is bound by key reads, and a gather would read and write every key once more.
+
+MISA decode with up to 64 heads routes inside the scoring kernel (routed_query_scores), over
+the cached pooled keys or pooled keys computed here: the same launches as dense decode. More
+heads take the unpaged decode path's steps (route_heads, routed_inputs, query_scores)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,6 +16,8 @@ from ..common import INTERPRET, next_pow2
 from ..paging import checked_paging_kernel
 from ..scoring.query_scores import query_scores
 from ..scoring.routed_inputs import routed_inputs
+from ..scoring.routed_query_scores import MAX_HEADS as ROUTED_MAX_HEADS, routed_query_scores
+from ..scoring.router_scores import pooled_keys as pooled
 from .route_heads import route_heads
 from ..selection.row_topk import topk_rows
 from .device_checks import either, fold_query_scale, poison_selection, scale_faults
@@ -26,9 +31,9 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
                       pooled_keys: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(values fp32, indices int64) [B, min(k_top, pages * page)], unordered, and the faults
-    [B] of the queries (a q_scale [B, H] row with an entry not finite and > 0, or a routed head
-    id outside [0, H), which route_heads does not produce; None with neither q_scale nor
-    routing). q [B, H, D], w [B, H], k_cache [P, page, D], q_scale [B, H], k_scale [P, page].
+    [B] of the queries (a q_scale [B, H] row with an entry not finite and > 0, or, past 64
+    heads, a routed head id outside [0, H), which route_heads does not produce; None when
+    neither can occur). q [B, H, D], w [B, H], k_cache [P, page, D], q_scale [B, H], k_scale [P, page].
     pooled_keys: the router's cached block means (paged_pooled_keys), so it reads no key."""
     batch = q.shape[0]
     T = block_table.shape[1] * k_cache.shape[1]
@@ -36,23 +41,32 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     # built from seq_lens must share one layout (start and end are read with the same strides).
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     K = min(k_top, T)
-    q, w = q[:, None], w[:, None]
-    q_scale = None if q_scale is None else q_scale[:, None]
-    key_end = seq_lens.view(batch, 1)
-    vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
-    if active_heads:
-        # The router weighs all H heads: it takes the folded w of every head.
-        heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads, block_size,
-                            **vis, k_scale=k_scale, block_table=block_table, seq_lens=seq_lens,
-                            kbar=pooled_keys)
-        q, w, faults = routed_inputs(q, w, heads, q_scale)
-        faults = faults[:, 0]
-    else:
-        w = fold_query_scale(w, q_scale)
-        faults = None if q_scale is None else scale_faults(q_scale, None)[:, 0]
     scores = torch.empty(batch, 1, T, dtype=torch.float32, device=q.device)
-    query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
-                 block_table=block_table, **vis)
+    if 0 < active_heads and q.shape[1] <= ROUTED_MAX_HEADS:
+        # The scoring kernel routes its own query: no router, gather or fold launches.
+        if pooled_keys is None:
+            pooled_keys = pooled(k_cache, block_size, k_scale, block_table, seq_lens)
+        faults = routed_query_scores(q, k_cache, w, pooled_keys, seq_lens, scores[:, 0],
+                                     active_heads=active_heads, block_size=block_size,
+                                     scale=scale, q_scale=q_scale, k_scale=k_scale,
+                                     block_table=block_table)
+    else:
+        q, w = q[:, None], w[:, None]
+        q_scale = None if q_scale is None else q_scale[:, None]
+        key_end = seq_lens.view(batch, 1)
+        vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
+        if active_heads:
+            # The router weighs all H heads: it takes the folded w of every head.
+            heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads,
+                                block_size, **vis, k_scale=k_scale, block_table=block_table,
+                                seq_lens=seq_lens, kbar=pooled_keys)
+            q, w, faults = routed_inputs(q, w, heads, q_scale)
+            faults = faults[:, 0]
+        else:
+            w = fold_query_scale(w, q_scale)
+            faults = None if q_scale is None else scale_faults(q_scale, None)[:, 0]
+        query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
+                     block_table=block_table, **vis)
     values = torch.empty(batch, 1, K, dtype=torch.float32, device=q.device)
     indices = torch.empty(batch, 1, K, dtype=torch.int64, device=q.device)
     # -inf tail entries point past the sequence's end: hidden keys, as in the unpaged ops.
