@@ -45,7 +45,7 @@ H100_SHARED_BYTES = 232448
 LAUNCHING_MODULES = [
     f"misa_compile.kernels.triton.{name}" for name in (
         "launch.paged_decode_topk", "scoring.block_visibility", "scoring.index_scores",
-        "scoring.query_scores", "scoring.routed_inputs", "scoring.routed_query_scores",
+        "scoring.query_scores", "scoring.decode_scores", "scoring.routed_inputs",
         "scoring.router_scores",
         "selection.candidate_topk", "selection.compact_rows", "selection.flagged_topk",
         "selection.hidden_tails", "selection.sample_threshold")]
@@ -130,10 +130,11 @@ def record_launches() -> list:
     lens = torch.full((4,), T, dtype=torch.int32)
     paged_decode_topk_op(qd[:, 0], k_cache, wd[:, 0], table, lens, K, 0, 1024, 1.0)
     paged_decode_topk_op(qd[:, 0], k_cache, wd[:, 0], table, lens, K, 8, 1024, 1.0)
-    # Routed decode with FP8 keys and both scales, and with GLM-5's 32 heads.
-    paged_decode_topk_op(qd[:, 0].to(torch.float8_e4m3fn), k_cache.to(torch.float8_e4m3fn),
-                         wd[:, 0], table, lens, K, 8, 1024, 1.0, torch.rand(4, 64) + 0.5,
-                         torch.rand(k_cache.shape[:2]) + 0.5)
+    # Dense and routed decode with FP8 keys and both scales, and routed with GLM-5's 32 heads.
+    for active_heads in (0, 8):
+        paged_decode_topk_op(qd[:, 0].to(torch.float8_e4m3fn), k_cache.to(torch.float8_e4m3fn),
+                             wd[:, 0], table, lens, K, active_heads, 1024, 1.0,
+                             torch.rand(4, 64) + 0.5, torch.rand(k_cache.shape[:2]) + 0.5)
     q32, k32, w32 = inputs(4, 1, T, heads=32)
     paged_decode_topk_op(q32[:, 0], k32.reshape(k_cache.shape), w32[:, 0], table, lens, K, 8,
                          1024, 1.0)

@@ -2,9 +2,10 @@
 from their pages, then the top-k of the score rows. Nothing copies the pages into contiguous
 keys: decode is bound by key reads, and a gather would read and write every key once more.
 
-MISA decode with up to 64 heads routes inside the scoring kernel (routed_query_scores), over
-the cached pooled keys or pooled keys computed here: the same launches as dense decode. More
-heads take the unpaged decode path's steps (route_heads, routed_inputs, query_scores)."""
+One scoring launch (decode_scores) does the q_scale fold and check and, for MISA with up to 64
+heads, the routing, over the cached pooled keys or pooled keys computed here: MISA decode then
+issues the launches dense decode does. MISA past 64 heads takes the unpaged decode path's steps
+(route_heads, routed_inputs, query_scores)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -16,7 +17,7 @@ from ..common import INTERPRET, next_pow2
 from ..paging import checked_paging_kernel
 from ..scoring.query_scores import query_scores
 from ..scoring.routed_inputs import routed_inputs
-from ..scoring.routed_query_scores import MAX_HEADS as ROUTED_MAX_HEADS, routed_query_scores
+from ..scoring.decode_scores import MAX_HEADS as DECODE_ROUTER_MAX_HEADS, decode_scores
 from ..scoring.router_scores import pooled_keys as pooled
 from .route_heads import route_heads
 from ..selection.row_topk import topk_rows
@@ -42,31 +43,28 @@ def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     K = min(k_top, T)
     scores = torch.empty(batch, 1, T, dtype=torch.float32, device=q.device)
-    if 0 < active_heads and q.shape[1] <= ROUTED_MAX_HEADS:
-        # The scoring kernel routes its own query: no router, gather or fold launches.
-        if pooled_keys is None:
+    if q.shape[1] <= DECODE_ROUTER_MAX_HEADS or not active_heads:
+        # One scoring launch: for MISA the kernel routes its own query, and it folds and checks
+        # q_scale itself.
+        if active_heads and pooled_keys is None:
             pooled_keys = pooled(k_cache, block_size, k_scale, block_table, seq_lens)
-        faults = routed_query_scores(q, k_cache, w, pooled_keys, seq_lens, scores[:, 0],
-                                     active_heads=active_heads, block_size=block_size,
-                                     scale=scale, q_scale=q_scale, k_scale=k_scale,
-                                     block_table=block_table)
+        faults = decode_scores(q, k_cache, w, seq_lens, scores[:, 0], scale=scale,
+                               active_heads=active_heads, pooled=pooled_keys,
+                               block_size=block_size, q_scale=q_scale, k_scale=k_scale,
+                               block_table=block_table)
     else:
         q, w = q[:, None], w[:, None]
         q_scale = None if q_scale is None else q_scale[:, None]
         key_end = seq_lens.view(batch, 1)
         vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
-        if active_heads:
-            # The router weighs all H heads: it takes the folded w of every head.
-            heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads,
-                                block_size, **vis, k_scale=k_scale, block_table=block_table,
-                                seq_lens=seq_lens, kbar=pooled_keys)
-            q, w, faults = routed_inputs(q, w, heads, q_scale)
-            faults = faults[:, 0]
-        else:
-            w = fold_query_scale(w, q_scale)
-            faults = None if q_scale is None else scale_faults(q_scale, None)[:, 0]
+        # The router weighs all H heads: it takes the folded w of every head.
+        heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads, block_size,
+                            **vis, k_scale=k_scale, block_table=block_table, seq_lens=seq_lens,
+                            kbar=pooled_keys)
+        q, w, faults = routed_inputs(q, w, heads, q_scale)
         query_scores(q, k_cache, w, scores, rows=1, row0=0, scale=scale, k_scale=k_scale,
                      block_table=block_table, **vis)
+        faults = faults[:, 0]
     values = torch.empty(batch, 1, K, dtype=torch.float32, device=q.device)
     indices = torch.empty(batch, 1, K, dtype=torch.int64, device=q.device)
     # -inf tail entries point past the sequence's end: hidden keys, as in the unpaged ops.

@@ -1,9 +1,10 @@
-"""MISA decode scoring that routes its own query (kernels/triton/scoring/routed_query_scores.py),
-run by Triton's CPU interpreter: the scores are bit for bit those of the separate launches it
-replaced (route_heads over the same pooled keys, routed_inputs, query_scores) for head counts
-that are and are not powers of two, ties between heads, queries whose router scores are all NaN,
-FP8 inputs with scales and empty sequences; and paged decode poisons exactly the sequences whose
-q_scale row has a bad entry."""
+"""Decode scoring with the router and the q_scale fold inside (kernels/triton/scoring/
+decode_scores.py), run by Triton's CPU interpreter: the scores are bit for bit those of the
+separate launches it replaced (MISA: route_heads over the same pooled keys, routed_inputs,
+query_scores; dense: the q_scale fold, query_scores) for head counts that are and are not powers
+of two, ties between heads, queries whose router scores are all NaN, FP8 inputs with scales and
+empty sequences; and paged decode, dense and MISA, poisons exactly the sequences whose q_scale
+row has a bad entry."""
 import os
 
 import pytest
@@ -19,7 +20,7 @@ if INTERPRET:
     from misa_compile.kernels.triton.launch.route_heads import route_heads
     from misa_compile.kernels.triton.scoring.query_scores import query_scores
     from misa_compile.kernels.triton.scoring.routed_inputs import routed_inputs
-    from misa_compile.kernels.triton.scoring.routed_query_scores import routed_query_scores
+    from misa_compile.kernels.triton.scoring.decode_scores import decode_scores
     from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
 
 FP8 = torch.float8_e4m3fn
@@ -51,36 +52,43 @@ def decode_site(seq_lens, num_heads, dim=16, page=8, pages=8, seed=0, fp8=False)
 
 def fused(q, w, k_cache, table, seq_lens, q_scale, k_scale, active_heads):
     table, lengths, _ = checked_paging(k_cache, table, seq_lens)
-    pooled = pooled_keys(k_cache, BLOCK, k_scale, table, lengths)
+    pooled = pooled_keys(k_cache, BLOCK, k_scale, table, lengths) if active_heads else None
     out = torch.empty(q.shape[0], table.shape[1] * k_cache.shape[1])
-    faults = routed_query_scores(q, k_cache, w, pooled, lengths, out, active_heads=active_heads,
-                                 block_size=BLOCK, scale=0.5, q_scale=q_scale, k_scale=k_scale,
-                                 block_table=table)
+    faults = decode_scores(q, k_cache, w, lengths, out, scale=0.5, active_heads=active_heads,
+                           pooled=pooled, block_size=BLOCK, q_scale=q_scale, k_scale=k_scale,
+                           block_table=table)
     return out, faults
 
 
 def separate_launches(q, w, k_cache, table, seq_lens, q_scale, k_scale, active_heads):
-    """The launches the fused kernel replaced: route_heads, routed_inputs, query_scores."""
+    """The launches the fused kernel replaced: route_heads and routed_inputs (MISA) or the
+    q_scale fold (dense), then query_scores."""
     table, lengths, _ = checked_paging(k_cache, table, seq_lens)
     batch = q.shape[0]
     q, w = q[:, None], w[:, None]
     q_scale = None if q_scale is None else q_scale[:, None]
     key_end = lengths.view(batch, 1)
     vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
-    heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads, BLOCK, **vis,
-                        k_scale=k_scale, block_table=table, seq_lens=lengths)
-    q, w, faults = routed_inputs(q, w, heads, q_scale)
+    faults = None
+    if active_heads:
+        heads = route_heads(q, k_cache, fold_query_scale(w, q_scale), active_heads, BLOCK,
+                            **vis, k_scale=k_scale, block_table=table, seq_lens=lengths)
+        q, w, faults = routed_inputs(q, w, heads, q_scale)
+        faults = faults[:, 0]
+    else:
+        w = fold_query_scale(w, q_scale)
     out = torch.empty(batch, 1, table.shape[1] * k_cache.shape[1])
     query_scores(q, k_cache, w, out, rows=1, row0=0, scale=0.5, k_scale=k_scale,
                  block_table=table, **vis)
-    return out[:, 0], faults[:, 0]
+    return out[:, 0], faults
 
 
 def assert_same_bits(got, want):
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
-@pytest.mark.parametrize("num_heads,active_heads", [(8, 2), (6, 3), (16, 8), (40, 8), (64, 8)])
+@pytest.mark.parametrize("num_heads,active_heads",
+                         [(8, 2), (6, 3), (16, 8), (40, 8), (64, 8), (8, 0), (40, 0), (128, 0)])
 def test_scores_equal_the_separate_launches_bit_for_bit(num_heads, active_heads):
     site = decode_site([64, 37, 1, 0], num_heads, seed=num_heads)
     got, faults = fused(*site, active_heads)
@@ -97,12 +105,14 @@ def test_scores_equal_the_separate_launches_bit_for_bit(num_heads, active_heads)
     assert (got[past] == float("-inf")).all() and got[~past].isfinite().all()
 
 
-def test_fp8_with_scales_equals_the_separate_launches():
+@pytest.mark.parametrize("active_heads", [0, 3])
+def test_fp8_with_scales_equals_the_separate_launches(active_heads):
     site = decode_site([64, 50, 9], 8, seed=3, fp8=True)
-    got, faults = fused(*site, 3)
-    want, want_faults = separate_launches(*site, 3)
+    got, faults = fused(*site, active_heads)
+    want, want_faults = separate_launches(*site, active_heads)
     assert_same_bits(got, want)
-    assert not faults.any() and torch.equal(faults, want_faults)
+    assert not faults.any()
+    assert want_faults is None or torch.equal(faults, want_faults)
 
 
 def test_tied_heads_route_to_the_lower_index():
@@ -133,22 +143,23 @@ def test_a_query_with_nan_router_scores_still_routes_distinct_heads():
     assert got[0, :40].isnan().logical_not().all()  # NaN scores are stored as -inf
 
 
+@pytest.mark.parametrize("active_heads", [0, 2])
 @pytest.mark.parametrize("bad", BAD_SCALES)
-def test_a_bad_query_scale_poisons_its_sequence_only(bad):
+def test_a_bad_query_scale_poisons_its_sequence_only(bad, active_heads):
     q, w, k_cache, table, seq_lens, q_scale, k_scale = decode_site([64, 40, 20], 8, seed=2,
                                                                    fp8=True)
     q_scale[1, 5] = bad
     site = (q, w, k_cache, table, seq_lens, q_scale, k_scale)
-    _, faults = fused(*site, 2)
+    _, faults = fused(*site, active_heads)
     assert faults.tolist() == [False, True, False]
-    values, indices = paged_decode_topk_op(q, k_cache, w, table, seq_lens, 6, 2, BLOCK, 0.5,
-                                           q_scale, k_scale)
+    values, indices = paged_decode_topk_op(q, k_cache, w, table, seq_lens, 6, active_heads,
+                                           BLOCK, 0.5, q_scale, k_scale)
     assert values[1].isnan().all() and (indices[1] == -1).all()
     ok = [0, 2]
     assert values[ok].isfinite().all() and (indices[ok] >= 0).all()
     # The other sequences select what they select with a good scale in that row.
     q_scale[1, 5] = 1.0
-    want_values, want_indices = paged_decode_topk_op(q, k_cache, w, table, seq_lens, 6, 2,
-                                                     BLOCK, 0.5, q_scale, k_scale)
+    want_values, want_indices = paged_decode_topk_op(q, k_cache, w, table, seq_lens, 6,
+                                                     active_heads, BLOCK, 0.5, q_scale, k_scale)
     assert torch.equal(values[ok].sort(-1).values, want_values[ok].sort(-1).values)
     assert torch.equal(indices[ok].sort(-1).values, want_indices[ok].sort(-1).values)
