@@ -3,8 +3,8 @@ decode_scores.py), run by Triton's CPU interpreter: the scores are bit for bit t
 separate launches it replaced (MISA: route_heads over the same pooled keys, routed_inputs,
 query_scores; dense: the q_scale fold, query_scores) for head counts that are and are not powers
 of two, ties between heads, queries whose router scores are all NaN, FP8 inputs with scales and
-empty sequences; and paged decode, dense and MISA, poisons exactly the sequences whose q_scale
-row has a bad entry."""
+empty sequences; paged decode, dense and MISA, poisons exactly the sequences whose q_scale row
+has a bad entry; and MISA decode issues the Triton launches dense decode does."""
 import os
 
 import pytest
@@ -163,3 +163,45 @@ def test_a_bad_query_scale_poisons_its_sequence_only(bad, active_heads):
                                                      active_heads, BLOCK, 0.5, q_scale, k_scale)
     assert torch.equal(values[ok].sort(-1).values, want_values[ok].sort(-1).values)
     assert torch.equal(indices[ok].sort(-1).values, want_indices[ok].sort(-1).values)
+
+
+def test_misa_decode_launches_the_kernels_dense_decode_does(monkeypatch):
+    """With cached pooled keys, a MISA paged decode call issues the same Triton launches as a
+    dense one (checked_paging, decode_scores, the top-k), FP8 with both scales too: routing,
+    the routed gather and the q_scale fold add none."""
+    import sys
+    from torch.library import wrap_triton
+
+    launches = []
+
+    def recording(kernel):
+        launcher = wrap_triton(kernel)
+        fn = kernel
+        while hasattr(fn, "fn"):
+            fn = fn.fn
+
+        class Recorded:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append(fn.__name__)
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Recorded()
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("misa_compile.kernels.triton.") and hasattr(module, "wrap_triton"):
+            monkeypatch.setattr(module, "wrap_triton", recording)
+    for fp8 in (False, True):
+        q, w, k_cache, table, seq_lens, q_scale, k_scale = decode_site([64, 64], 16, seed=6,
+                                                                       fp8=fp8)
+        table, lengths, _ = checked_paging(k_cache, table, seq_lens)
+        pooled = pooled_keys(k_cache, BLOCK, k_scale, table, lengths)
+        kernels = {}
+        for active_heads in (0, 4):
+            launches.clear()
+            paged_decode_topk_op(q, k_cache, w, table, seq_lens, 8, active_heads, BLOCK, 0.5,
+                                 q_scale, k_scale, pooled if active_heads else None)
+            kernels[active_heads] = list(launches)
+        assert kernels[0] == kernels[4]
+        assert "decode_scores_kernel" in kernels[4]
+        assert not {"router_scores_kernel", "routed_inputs_kernel"} & set(kernels[4])
