@@ -1,0 +1,116 @@
+"""Where compact_rows' time goes at 8192 x 65536 fp32 scores (top-k alone, k = 2048, threshold
+from the real 1-in-16 sample): the tuned kernel, the same rows split over several programs
+(atomic slot reservation), and one loop with its stages left out in turn, with masked or
+unmasked loads, at several piece widths and warps. On an H100 the tuned kernel took 1.71 ms
+where a plain read of the 2 GiB took 0.70 (docs/kernels.md); the sm_90 PTX of the 2-warp piece
+has 25 barriers a piece against 6 for one warp. One table, last:
+
+    PYTHONPATH=bench python3 bench/profile_compact_rows.py
+    TRITON_INTERPRET=1 PYTHONPATH=bench python3 bench/profile_compact_rows.py   # CPU check
+
+Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores (what
+compact_rows does); 3 = stores placed by a two-level scan (runs of 16 lanes, then the runs'
+counts) instead of one scan over the piece. Rows 2 and 3 are checked against compact_rows' lists
+(as sets)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+import misa_compile  # noqa: F401
+from misa_compile.kernels.triton.selection import sample_threshold as st
+from misa_compile.kernels.triton.selection.compact_rows import compact_rows
+from misa_compile.kernels.triton.selection.row_topk import plan_selection
+
+CPU_CHECK = os.environ.get("TRITON_INTERPRET") == "1"
+TILES = ((16, 1),) if CPU_CHECK else ((512, 1), (1024, 1), (1024, 2), (2048, 4), (4096, 8))
+
+
+@triton.jit
+def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, count_ptr, n_cols, stride_r,
+                          CAP: tl.constexpr, STAGES: tl.constexpr, UNMASKED: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    row = src_ptr + r.to(tl.int64) * stride_r
+    out_val = val_ptr + r.to(tl.int64) * CAP
+    out_idx = idx_ptr + r.to(tl.int64) * CAP
+    lo = tl.load(lo_ptr + r)
+    count = tl.zeros((), dtype=tl.int32)
+    sink = tl.zeros((), dtype=tl.int32)  # keeps stage 1's scan alive without stores
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        if UNMASKED:
+            x = tl.load(row + cols)
+        else:
+            x = tl.load(row + cols, mask=cols < n_cols, other=float("-inf"))
+        take = ((x >= lo) & (x > float("-inf"))).to(tl.int32)
+        if STAGES == 3:
+            runs = tl.reshape(take, [BLOCK // 16, 16])
+            run_n = tl.sum(runs, axis=1)
+            slot = (count + (tl.cumsum(run_n, axis=0) - run_n)[:, None]
+                    + tl.cumsum(runs, axis=1) - 1)
+            keep = (runs > 0) & (slot < CAP)
+            tl.store(out_val + slot, tl.reshape(x, [BLOCK // 16, 16]), mask=keep)
+            tl.store(out_idx + slot, tl.reshape(cols, [BLOCK // 16, 16]), mask=keep)
+        elif STAGES >= 1:
+            slot = count + tl.cumsum(take, axis=0) - 1
+            if STAGES == 1:
+                sink += tl.max(tl.where(take > 0, slot, 0), axis=0)
+            else:
+                keep = (take > 0) & (slot < CAP)
+                tl.store(out_val + slot, x, mask=keep)
+                tl.store(out_idx + slot, cols, mask=keep)
+        count += tl.sum(take, axis=0)
+    tl.store(count_ptr + r, count + sink)
+
+
+def main():
+    device = "cpu" if CPU_CHECK else "cuda"
+    rows, width, k_top = (4, 4096, 64) if CPU_CHECK else (8192, 65536, 2048)
+    plan = plan_selection(k_top, width)
+    x = torch.randn(1, rows, width, device=device)
+    lo = torch.empty(rows, device=device)
+    st.sample_threshold(x, plan.rank, plan.n_sample, lo, column_stride=plan.key_stride)
+    val = torch.empty(rows, plan.capacity, device=device)
+    idx = torch.empty(rows, plan.capacity, dtype=torch.int32, device=device)
+    count = torch.empty(rows, dtype=torch.int32, device=device)
+
+    def ms(fn):
+        if CPU_CHECK:
+            fn()
+            return float("nan")
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    table = {"read (x.sum)": ms(lambda: x.sum()),
+             "compact_rows (tuned)": ms(lambda: compact_rows(x, lo, val, idx, count))}
+    for parts in (2, 4, 8):
+        table[f"compact_rows, {parts} programs a row"] = ms(
+            lambda parts=parts: compact_rows(x, lo, val, idx, count, parts=parts))
+    compact_rows(x, lo, val, idx, count)
+    want_count = count.clone()
+    checked = sorted({0, rows // 2, rows - 1})
+    want = {i: set(idx[i, :int(want_count[i])].tolist()) for i in checked}
+    for stages in (0, 1, 2, 3):
+        for unmasked in (False, True):
+            for block, warps in TILES:
+                def run(stages=stages, unmasked=unmasked, block=block, warps=warps):
+                    compact_stages_kernel[(rows,)](
+                        x, lo, val, idx, count, width, x.stride(1), CAP=plan.capacity,
+                        STAGES=stages, UNMASKED=unmasked, BLOCK=block, num_warps=warps)
+                name = (f"stages {stages}, {'unmasked' if unmasked else 'masked'} loads, "
+                        f"{block} x {warps} warps")
+                table[name] = ms(run)
+                if stages >= 2:
+                    run()
+                    same = torch.equal(count, want_count) and all(
+                        set(idx[i, :int(count[i])].tolist()) == want[i] for i in checked)
+                    assert same, f"{name}: lists differ from compact_rows'"
+    for name, value in table.items():
+        print(f"{name:48s} {value:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
