@@ -143,7 +143,7 @@ def router_row_scores(q_tile, w, kbar_ptr, stride_kn, n_blocks, block, lo, hi, h
 
 
 @triton.jit
-def pick_top_head(keys, head, H: tl.constexpr):
+def pick_top_head(keys, head, H):
     """(the head of each row's largest key in keys [Q, H_TILE], the lower head index winning among
     equal keys; keys with that head set to 0). Key 0 lies below the key of every score, -inf
     included: a taken head never wins again, so a row whose scores are all -inf still gets
