@@ -2,8 +2,8 @@
 or from a paged cache [P, PAGE, ...] (vLLM/SGLang layout): position n of sequence b lives in
 page block_table[b, n // PAGE], slot n % PAGE. Both layouts are addressed as
 outer * stride_outer + inner * stride_inner, so a kernel keeps one load for either. Also the
-device-side check of a block table and its lengths (one program per sequence), which the paged
-ops run instead of host checks."""
+device-side check of a block table, its lengths and the key scales of its used pages (one
+program per sequence), which the paged ops run instead of host checks."""
 from __future__ import annotations
 
 import triton
@@ -26,12 +26,14 @@ def key_location(b, keys, mask, table_ptr, stride_tb, PAGED: tl.constexpr, PAGE:
 
 
 @triton.jit
-def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_ptr, pages,
-                          num_pages, stride_tb, stride_ob, PAGE: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_ptr, scale_ptr,
+                          pages, num_pages, stride_tb, stride_ob, stride_sp, stride_ss,
+                          PAGE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          SCALE_PAGES: tl.constexpr, SCALE_SLOTS: tl.constexpr):
     """Sequence b's length clamped into [0, pages * PAGE] and the page ids of its used pages
     clamped into [0, num_pages) (the rest copied as they are), with fault[b] set when either was
-    out of range."""
+    out of range or, with a k_scale [num_pages, PAGE], when a used page holds a scale that is not
+    finite and > 0 (device_checks' rule, over every slot of the page)."""
     b = tl.program_id(0)
     length = tl.load(len_ptr + b).to(tl.int64)
     capacity = pages * PAGE  # (no .to() on an int argument: Triton may pass a 1 as a constexpr)
@@ -46,5 +48,23 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_
         bad = bad | (tl.max(wrong.to(tl.int32), axis=0) > 0)
         clamped = tl.minimum(tl.maximum(entry, 0), num_pages - 1)
         tl.store(table_out_ptr + b.to(tl.int64) * stride_ob + column, clamped, mask=inside)
-    tl.store(len_out_ptr + b, tl.minimum(tl.maximum(length, 0), capacity))
+    length = tl.minimum(tl.maximum(length, 0), capacity)
+    tl.store(len_out_ptr + b, length)
+    if HAS_SCALE:
+        # The used pages' scales, SCALE_PAGES pages a step: [pages, slots] tiles, so a long
+        # sequence takes a few wide loads rather than one dependent load per page.
+        row = tl.arange(0, SCALE_PAGES)
+        slot = tl.arange(0, SCALE_SLOTS)
+        used_pages = (length + PAGE - 1) // PAGE
+        for p0 in range(0, used_pages, SCALE_PAGES):
+            column = p0 + row
+            used = column < used_pages
+            entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=used, other=0)
+            page = tl.minimum(tl.maximum(entry, 0), num_pages - 1).to(tl.int64)
+            where = used[:, None] & (slot < PAGE)[None, :]
+            scale = tl.load(scale_ptr + page[:, None] * stride_sp + slot[None, :] * stride_ss,
+                            mask=where, other=1.0)
+            # NaN fails both comparisons, -inf and 0 the first, +inf the second.
+            wrong = where & ~((scale > 0) & (scale < float("inf")))
+            bad = bad | (tl.max(tl.max(wrong.to(tl.int32), axis=1), axis=0) > 0)
     tl.store(fault_ptr + b, bad.to(tl.int8))

@@ -21,6 +21,7 @@ import torch._dynamo.testing
 from misa_compile.kernels import reference
 
 from .strategies import assert_valid_topk
+from .test_device_checks import BAD_SCALES
 
 ops = torch.ops.misa
 FP8 = torch.float8_e4m3fn
@@ -560,24 +561,38 @@ def test_triton_pooled_keys_poison_a_sequence_with_a_bad_length_or_page():
 
 
 @triton_only
+@pytest.mark.parametrize("scaled", [False, True], ids=["no k_scale", "k_scale"])
+@pytest.mark.parametrize("page", [16, 5])
 @pytest.mark.parametrize("pages,dtype", [(1, torch.int32), (6, torch.int64), (13, torch.int32)])
-def test_triton_checked_paging_matches_its_definition(pages, dtype):
+def test_triton_checked_paging_matches_its_definition(pages, dtype, page, scaled):
     """One launch: lengths clamped into [0, pages * page], every page id into [0, P), and the
     fault of each sequence whose length or used pages were out of range (unused entries may hold
-    anything)."""
+    anything) or, with a k_scale, whose used pages (clamped ids) hold a scale that is not finite
+    and > 0 in any slot, the slots past the sequence's end included."""
     from misa_compile.kernels.triton.launch.paged_decode_topk import checked_paging
 
-    gen = torch.Generator().manual_seed(pages)
-    batch, page, num_pages = 9, 16, 20
+    gen = torch.Generator().manual_seed(pages * page)
+    batch, num_pages = 9, 20
     k_cache = torch.zeros(num_pages, page, 4)
     table = torch.randint(-3, num_pages + 3, (batch, pages), generator=gen).to(dtype)
     seq_lens = torch.randint(-2, pages * page + 3, (batch,), generator=gen).to(dtype)
-    got_table, got_lens, got_faults = checked_paging(k_cache, table, seq_lens)
-    used = torch.arange(pages) * page < seq_lens[:, None]
+    k_scale = None
+    if scaled:
+        k_scale = torch.rand(num_pages, page, generator=gen) + 0.5
+        for bad in BAD_SCALES:  # each in a random slot of a random page
+            where = torch.randint(0, num_pages * page, (1,), generator=gen).item()
+            k_scale.view(-1)[where] = bad
+    got_table, got_lens, got_faults = checked_paging(k_cache, table, seq_lens, k_scale)
+    lengths = seq_lens.clamp(0, pages * page)
+    used = torch.arange(pages) * page < lengths[:, None]
     bad_page = (used & ((table < 0) | (table >= num_pages))).any(-1)
     bad_len = (seq_lens < 0) | (seq_lens > pages * page)
-    assert torch.equal(got_faults, bad_page | bad_len)
+    want = bad_page | bad_len
+    if scaled:
+        bad_scale_page = ~((k_scale > 0) & (k_scale < float("inf"))).all(-1)
+        want = want | (used & bad_scale_page[table.clamp(0, num_pages - 1).long()]).any(-1)
+    assert torch.equal(got_faults, want)
     assert got_faults.any() and not got_faults.all(), "the case must have both kinds of rows"
     assert torch.equal(got_table, table.clamp(0, num_pages - 1))
-    assert torch.equal(got_lens, seq_lens.clamp(0, pages * page))
+    assert torch.equal(got_lens, lengths)
     assert got_table.dtype == dtype and got_lens.dtype == dtype

@@ -21,7 +21,7 @@ from ..scoring.decode_scores import MAX_HEADS as DECODE_ROUTER_MAX_HEADS, decode
 from ..scoring.router_scores import pooled_keys as pooled
 from .route_heads import route_heads
 from ..selection.row_topk import topk_rows
-from .device_checks import either, fold_query_scale, poison_selection, scale_faults
+from .device_checks import either, fold_query_scale, poison_selection
 
 
 def paged_decode_topk(q: torch.Tensor, k_cache: torch.Tensor, w: torch.Tensor,
@@ -86,22 +86,22 @@ def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_hea
 
 def checked_paging(k_cache, block_table, seq_lens, k_scale=None):
     """(block_table, seq_lens, faults [B]) with lengths clamped into [0, pages * page] and the
-    page ids clamped into [0, P), on the device in one launch (paging.checked_paging_kernel):
-    faults marks the sequences whose length or used pages were out of range, or whose used pages
-    hold a k_scale [P, page] entry that is not finite and > 0."""
+    page ids clamped into [0, P), on the device in one launch (paging.checked_paging_kernel),
+    which also checks the k_scale [P, page] rows of the used pages: faults marks the sequences
+    whose length or used pages were out of range, or whose used pages hold a scale that is not
+    finite and > 0."""
     num_pages, page = k_cache.shape[:2]
     batch, pages = block_table.shape
     block_table = block_table.contiguous()  # the kernel reads a row with unit stride
     table = torch.empty(batch, pages, dtype=block_table.dtype, device=block_table.device)
     lengths = torch.empty(batch, dtype=seq_lens.dtype, device=seq_lens.device)
     faults = torch.empty(batch, dtype=torch.int8, device=seq_lens.device)
+    slots = next_pow2(page)
+    scale = faults if k_scale is None else k_scale  # (a placeholder the kernel never reads)
     wrap_triton(checked_paging_kernel)[(batch,)](
-        block_table, seq_lens, table, lengths, faults, pages, num_pages, block_table.stride(0),
-        table.stride(0), PAGE=page, BLOCK=min(1024, next_pow2(pages)),
-        num_warps=1 if INTERPRET else 4)
+        block_table, seq_lens, table, lengths, faults, scale, pages, num_pages,
+        block_table.stride(0), table.stride(0), scale.stride(0), scale.stride(-1), PAGE=page,
+        BLOCK=min(1024, next_pow2(pages)), HAS_SCALE=k_scale is not None,
+        SCALE_PAGES=max(1, 2048 // slots), SCALE_SLOTS=slots, num_warps=1 if INTERPRET else 4)
     faults = faults.bool()
-    page_faults = scale_faults(None, k_scale)
-    if page_faults is not None:
-        used = torch.arange(pages, device=table.device) * page < lengths[:, None]
-        faults = faults | (used & page_faults[:, 0][table.long()]).any(-1)
     return table, lengths, faults
