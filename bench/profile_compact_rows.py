@@ -10,8 +10,9 @@ has 25 barriers a piece against 6 for one warp. One table, last:
 
 Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores (what
 compact_rows does); 3 = stores placed by a two-level scan (runs of 16 lanes, then the runs'
-counts) instead of one scan over the piece. Rows 2 and 3 are checked against compact_rows' lists
-(as sets)."""
+counts) instead of one scan over the piece; "2 + prefetch" = stage 2 with the next piece loaded
+before the current one is scanned. Rows of stages 2 and 3 are checked against compact_rows'
+lists (as sets)."""
 from __future__ import annotations
 
 import os
@@ -30,9 +31,18 @@ TILES = ((16, 1),) if CPU_CHECK else ((512, 1), (1024, 1), (1024, 2), (2048, 4),
 
 
 @triton.jit
+def load_piece(row, cols, n_cols, UNMASKED: tl.constexpr):
+    if UNMASKED:
+        # (with PREFETCH the last piece reads one piece past the row: the next row, or the
+        # tensor's spare tail that main allocates)
+        return tl.load(row + cols)
+    return tl.load(row + cols, mask=cols < n_cols, other=float("-inf"))
+
+
+@triton.jit
 def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, count_ptr, n_cols, stride_r,
                           CAP: tl.constexpr, STAGES: tl.constexpr, UNMASKED: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PREFETCH: tl.constexpr = False):
     r = tl.program_id(0)
     row = src_ptr + r.to(tl.int64) * stride_r
     out_val = val_ptr + r.to(tl.int64) * CAP
@@ -40,12 +50,16 @@ def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, count_ptr, n_cols, 
     lo = tl.load(lo_ptr + r)
     count = tl.zeros((), dtype=tl.int32)
     sink = tl.zeros((), dtype=tl.int32)  # keeps stage 1's scan alive without stores
+    x_next = load_piece(row, tl.arange(0, BLOCK), n_cols, UNMASKED)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        if UNMASKED:
-            x = tl.load(row + cols)
+        if PREFETCH:
+            # The next piece's load is issued before this piece's scan and stores, so the two
+            # overlap (Triton does not pipeline loads that feed no dot).
+            x = x_next
+            x_next = load_piece(row, cols + BLOCK, n_cols, UNMASKED)
         else:
-            x = tl.load(row + cols, mask=cols < n_cols, other=float("-inf"))
+            x = load_piece(row, cols, n_cols, UNMASKED)
         take = ((x >= lo) & (x > float("-inf"))).to(tl.int32)
         if STAGES == 3:
             runs = tl.reshape(take, [BLOCK // 16, 16])
@@ -71,7 +85,8 @@ def main():
     device = "cpu" if CPU_CHECK else "cuda"
     rows, width, k_top = (4, 4096, 64) if CPU_CHECK else (8192, 65536, 2048)
     plan = plan_selection(k_top, width)
-    x = torch.randn(1, rows, width, device=device)
+    # One spare piece past the last row, which unmasked prefetching loads read.
+    x = torch.randn(rows * width + 4096, device=device)[:rows * width].view(1, rows, width)
     lo = torch.empty(rows, device=device)
     st.sample_threshold(x, plan.rank, plan.n_sample, lo, column_stride=plan.key_stride)
     val = torch.empty(rows, plan.capacity, device=device)
@@ -93,15 +108,18 @@ def main():
     want_count = count.clone()
     checked = sorted({0, rows // 2, rows - 1})
     want = {i: set(idx[i, :int(want_count[i])].tolist()) for i in checked}
-    for stages in (0, 1, 2, 3):
+    variants = [(stages, False) for stages in (0, 1, 2, 3)] + [(2, True)]
+    for stages, prefetch in variants:
         for unmasked in (False, True):
             for block, warps in TILES:
-                def run(stages=stages, unmasked=unmasked, block=block, warps=warps):
+                def run(stages=stages, unmasked=unmasked, block=block, warps=warps,
+                        prefetch=prefetch):
                     compact_stages_kernel[(rows,)](
                         x, lo, val, idx, count, width, x.stride(1), CAP=plan.capacity,
-                        STAGES=stages, UNMASKED=unmasked, BLOCK=block, num_warps=warps)
-                name = (f"stages {stages}, {'unmasked' if unmasked else 'masked'} loads, "
-                        f"{block} x {warps} warps")
+                        STAGES=stages, UNMASKED=unmasked, BLOCK=block, PREFETCH=prefetch,
+                        num_warps=warps)
+                name = (f"stages {stages}{' + prefetch' if prefetch else ''}, "
+                        f"{'unmasked' if unmasked else 'masked'} loads, {block} x {warps} warps")
                 table[name] = ms(run)
                 if stages >= 2:
                     run()
@@ -109,7 +127,7 @@ def main():
                         set(idx[i, :int(count[i])].tolist()) == want[i] for i in checked)
                     assert same, f"{name}: lists differ from compact_rows'"
     for name, value in table.items():
-        print(f"{name:48s} {value:8.3f} ms")
+        print(f"{name:52s} {value:8.3f} ms")
 
 
 if __name__ == "__main__":
