@@ -23,6 +23,7 @@ import triton.language as tl
 
 import misa_compile  # noqa: F401
 from misa_compile.kernels.triton.selection import sample_threshold as st
+from misa_compile.kernels.triton.selection import compact_rows as cr
 from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.selection.row_topk import plan_selection
 
@@ -126,6 +127,8 @@ def main():
                     same = torch.equal(count, want_count) and all(
                         set(idx[i, :int(count[i])].tolist()) == want[i] for i in checked)
                     assert same, f"{name}: lists differ from compact_rows'"
+    if not CPU_CHECK:
+        print("compact_rows tuned config:", cr._tuned_kernel.best_config)
     for name, value in table.items():
         print(f"{name:52s} {value:8.3f} ms")
 
