@@ -31,8 +31,9 @@ that computes every block, so the result equals a full recompute bit for bit); t
 promises that no key before first_token changed since `pooled` was computed.
 
 Out-of-range values (a seq_len outside [0, pages * page], a page id of a used page outside
-[0, P), a scale that is not finite and > 0) raise on the CPU and in debug mode
-(validation.debug_checks). On CUDA otherwise nothing is read from the host: lengths and page
+[0, P), a q_scale or the k_scale of a visible key (slot n < seq_len) that is not finite and > 0)
+raise on the CPU and in debug mode (validation.debug_checks); the scales of free pages and of
+the unwritten slots of a last page are never read. On CUDA otherwise nothing is read from the host: lengths and page
 ids are clamped before any key is read, and the sequence's row is poisoned (values NaN,
 indices -1)."""
 from __future__ import annotations
@@ -107,7 +108,8 @@ def check_paged_inputs(q, k_cache, w, block_table, seq_lens, k_top, active_heads
             raise ValueError(f"{OP}: pooled_keys is given but active_heads=0 (dense) routes "
                              "nothing; pass pooled_keys with active_heads >= 1")
         _check_pooled(OP, "pooled_keys", pooled_keys, block_table, k_cache, block_size)
-    _check_seq_lens_and_pages(OP, seq_lens, block_table, k_cache.shape[0], k_cache.shape[1])
+    _check_seq_lens_and_pages(OP, seq_lens, block_table, k_cache.shape[0], k_cache.shape[1],
+                              k_scale)
 
 
 def _check_cache(op, k_cache, block_table, seq_lens, k_scale, batch, dim, beside) -> None:
@@ -135,7 +137,7 @@ def _check_cache(op, k_cache, block_table, seq_lens, k_scale, batch, dim, beside
         if t.dtype not in allowed:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed dtypes are "
                             f"{', '.join(str(d) for d in allowed)}")
-    _check_dequant_scale(op, "k_scale", k_scale, (num_pages, page), "[P, page]")
+    _check_dequant_scale(op, "k_scale", k_scale, (num_pages, page), "[P, page]", values=False)
 
 
 def _check_block_size(op, block_size, page) -> None:
@@ -156,19 +158,30 @@ def _check_pooled(op, name, pooled, block_table, k_cache, block_size) -> None:
                         "misa.paged_pooled_keys returns)")
 
 
-def _check_seq_lens_and_pages(op, seq_lens, block_table, num_pages, page) -> None:
+def _check_seq_lens_and_pages(op, seq_lens, block_table, num_pages, page, k_scale) -> None:
     # Value checks (validation.host_value_checks): on CUDA outside debug mode the launcher clamps
     # lengths and pages and poisons the rows instead (launch/paged_decode_topk.py).
     if not host_value_checks(seq_lens):
         return
-    capacity = block_table.shape[1] * page
+    pages = block_table.shape[1]
+    capacity = pages * page
     bad_len = (seq_lens < 0) | (seq_lens > capacity)
-    # Only the pages a sequence uses must name a page of the cache.
-    used = (torch.arange(block_table.shape[1], device=block_table.device) * page
-            < seq_lens[:, None])
+    # Only the pages a sequence uses must name a page of the cache, and only the scales of its
+    # keys [0, seq_len) must be valid: a pool's free pages and the unwritten slots of a last page
+    # may hold anything (a zeroed pool holds scale 0).
+    position = torch.arange(capacity, device=block_table.device)
+    visible = position < seq_lens[:, None]
+    used = visible[:, ::page]
     bad_page = used & ((block_table < 0) | (block_table >= num_pages))
-    # One host sync for both checks: decode calls are short enough for each sync to show.
-    any_bad_len, any_bad_page = torch.stack([bad_len.any(), bad_page.any()]).tolist()
+    bad_scale = torch.zeros_like(visible)
+    if k_scale is not None:
+        where = block_table.clamp(0, num_pages - 1).long().repeat_interleave(page, 1)
+        slot = (position % page).expand_as(where)
+        scales = k_scale[where, slot]
+        bad_scale = visible & ~((scales > 0) & torch.isfinite(scales))
+    # One host sync for all checks: decode calls are short enough for each sync to show.
+    any_bad_len, any_bad_page, any_bad_scale = torch.stack(
+        [bad_len.any(), bad_page.any(), bad_scale.any()]).tolist()
     if any_bad_len:
         b = int(bad_len.nonzero()[0, 0])
         raise ValueError(f"{op}: seq_lens[{b}] = {int(seq_lens[b])}; allowed range is "
@@ -178,6 +191,14 @@ def _check_seq_lens_and_pages(op, seq_lens, block_table, num_pages, page) -> Non
         raise ValueError(f"{op}: block_table[{b}, {n}] = {int(block_table[b, n])} but sequence "
                          f"{b} (seq_len {int(seq_lens[b])}) uses that page; allowed range is "
                          f"[0, P) = [0, {num_pages})")
+    if any_bad_scale:
+        b, n = (int(i) for i in bad_scale.nonzero()[0])
+        p, s = int(block_table[b, n // page]), n % page
+        raise ValueError(f"{op}: k_scale[{p}, {s}] = {float(k_scale[p, s])}, the scale of key "
+                         f"{n} of sequence {b} (seq_len {int(seq_lens[b])}); the scales of the "
+                         "keys a sequence sees must be finite and > 0 (a zero or negative scale "
+                         "would change the ranking, since ReLU commutes only with positive "
+                         "factors)")
 
 
 POOLED_OP = "misa.paged_pooled_keys"
@@ -243,4 +264,4 @@ def check_pooled_inputs(k_cache, block_table, seq_lens, block_size, k_scale, poo
                 raise ValueError(f"{POOLED_OP}: first_token[{b}] = {int(first_token[b])}; "
                                  f"allowed range is [0, pages * page] = [0, {capacity}]")
     _check_seq_lens_and_pages(POOLED_OP, seq_lens, block_table, k_cache.shape[0],
-                              k_cache.shape[1])
+                              k_cache.shape[1], k_scale)

@@ -145,10 +145,12 @@ def _broadcasts_to(shape: tuple, target: tuple) -> bool:
 
 
 def _check_dequant_scale(op: str, name: str, scale: Optional[torch.Tensor], expected: tuple,
-                         layout: str) -> None:
+                         layout: str, values: bool = True) -> None:
     """A dequantization scale multiplies q (per token and head) or k (per token) before the math.
     Only positive factors commute with ReLU and keep every ranking, so a zero, negative or
-    non-finite scale is refused rather than silently changing the selection."""
+    non-finite scale is refused rather than silently changing the selection. values=False checks
+    the dtype and shape only (a paged cache's scales are checked where keys are visible:
+    paged._check_seq_lens_and_pages)."""
     if scale is None:
         return
     if not isinstance(scale, torch.Tensor):
@@ -158,7 +160,7 @@ def _check_dequant_scale(op: str, name: str, scale: Optional[torch.Tensor], expe
     if tuple(scale.shape) != expected:
         raise ValueError(f"{op}: {name} has shape {tuple(scale.shape)}, expected {layout} = "
                          f"{list(expected)}")
-    if not host_value_checks(scale):
+    if not values or not host_value_checks(scale):
         return
     bad = ~((scale > 0) & torch.isfinite(scale))
     if bool(bad.any()):

@@ -2,8 +2,8 @@
 or from a paged cache [P, PAGE, ...] (vLLM/SGLang layout): position n of sequence b lives in
 page block_table[b, n // PAGE], slot n % PAGE. Both layouts are addressed as
 outer * stride_outer + inner * stride_inner, so a kernel keeps one load for either. Also the
-device-side check of a block table, its lengths and the key scales of its used pages (one
-program per sequence), which the paged ops run instead of host checks."""
+device-side check of a block table, its lengths and the scales of the keys they make visible
+(one program per sequence), which the paged ops run instead of host checks."""
 from __future__ import annotations
 
 import triton
@@ -32,8 +32,9 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_
                           SCALE_PAGES: tl.constexpr, SCALE_SLOTS: tl.constexpr):
     """Sequence b's length clamped into [0, pages * PAGE] and the page ids of its used pages
     clamped into [0, num_pages) (the rest copied as they are), with fault[b] set when either was
-    out of range or, with a k_scale [num_pages, PAGE], when a used page holds a scale that is not
-    finite and > 0 (device_checks' rule, over every slot of the page)."""
+    out of range or, with a k_scale [num_pages, PAGE], when the scale of one of its keys
+    [0, length) is not finite and > 0 (device_checks' rule; free pages and the unwritten slots
+    of the last page may hold anything)."""
     b = tl.program_id(0)
     length = tl.load(len_ptr + b).to(tl.int64)
     capacity = pages * PAGE  # (no .to() on an int argument: Triton may pass a 1 as a constexpr)
@@ -61,7 +62,8 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_
             used = column < used_pages
             entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=used, other=0)
             page = tl.minimum(tl.maximum(entry, 0), num_pages - 1).to(tl.int64)
-            where = used[:, None] & (slot < PAGE)[None, :]
+            where = (column.to(tl.int64) * PAGE)[:, None] + slot[None, :] < length
+            where = where & used[:, None] & (slot < PAGE)[None, :]
             scale = tl.load(scale_ptr + page[:, None] * stride_sp + slot[None, :] * stride_ss,
                             mask=where, other=1.0)
             # NaN fails both comparisons, -inf and 0 the first, +inf the second.

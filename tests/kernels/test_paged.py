@@ -321,6 +321,56 @@ def test_compile_dynamic_traces_once():
     assert counter.frame_count == 1
 
 
+def pool_scales(k_cache, table, seq_lens, seed):
+    """k_scale [P, page] as a serving pool holds it: in [0.5, 1.5) at every visible key, 0 (a
+    zeroed pool) in free pages and in the unwritten slots of last pages, NaN in one free slot.
+    Also the mask of the visible slots."""
+    gen = torch.Generator().manual_seed(seed)
+    num_pages, page = k_cache.shape[:2]
+    visible = torch.zeros(num_pages, page, dtype=torch.bool)
+    for b, length in enumerate(seq_lens.tolist()):
+        for n in range(length):
+            visible[table[b, n // page], n % page] = True
+    k_scale = torch.where(visible, torch.rand(num_pages, page, generator=gen) + 0.5, 0.0)
+    free = (~visible).nonzero()
+    k_scale[tuple(free[len(free) // 2])] = float("nan")
+    return k_scale, visible
+
+
+@pytest.mark.parametrize("active_heads", [0, 2])
+def test_only_the_scales_of_visible_keys_are_checked(active_heads):
+    """Free pages and the unwritten slots of a last page may hold any scale (a zeroed pool: 0):
+    the op neither raises (CPU, host checks) nor poisons (Triton under the interpreter), and
+    selects as with valid scales there. A bad scale at a visible key raises naming it, or
+    poisons exactly its sequence."""
+    q, k_cache, w, table, seq_lens = paged_site(SEQ_LENS, seed=11)
+    k_scale, visible = pool_scales(k_cache, table, seq_lens, seed=11)
+    assert (k_scale[~visible] == 0).any() and k_scale[~visible].isnan().any()
+    args = (q, k_cache, w, table, seq_lens, 10, active_heads, 32, 1.0, None)
+    want = ops.paged_decode_topk(*args, torch.where(visible, k_scale, 1.0))
+    implementations = [ops.paged_decode_topk]
+    if INTERPRETER:
+        implementations.append(cuda_ops.CUDA_IMPLEMENTATIONS["paged_decode_topk"])
+    # Selections are unordered, and Triton's sums round apart from torch's: compared as sorted
+    # values and as sets.
+    for run in implementations:
+        got = run(*args, k_scale)
+        torch.testing.assert_close(got[0].sort(-1).values, want[0].sort(-1).values)
+        assert finite_sets(*got) == finite_sets(*want)
+    bad = k_scale.clone()
+    page, slot = int(table[3, 50 // 16]), 50 % 16  # key 50 of sequence 3 (seq_len 53)
+    bad[page, slot] = -1.0
+    message = (f"k_scale[{page}, {slot}] = -1.0, the scale of key 50 of sequence 3 (seq_len 53); "
+               "the scales of the keys a sequence sees must be finite and > 0")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ops.paged_decode_topk(*args, bad)
+    if INTERPRETER:
+        values, indices = cuda_ops.CUDA_IMPLEMENTATIONS["paged_decode_topk"](*args, bad)
+        assert values[3].isnan().all() and (indices[3] == -1).all()
+        assert not values[:3].isnan().any()
+        assert finite_sets(values[:3], indices[:3]) == finite_sets(want[0][:3], want[1][:3])
+
+
 # --- the Triton path under the interpreter ------------------------------------------------------
 
 if INTERPRETER:
@@ -567,8 +617,8 @@ def test_triton_pooled_keys_poison_a_sequence_with_a_bad_length_or_page():
 def test_triton_checked_paging_matches_its_definition(pages, dtype, page, scaled):
     """One launch: lengths clamped into [0, pages * page], every page id into [0, P), and the
     fault of each sequence whose length or used pages were out of range (unused entries may hold
-    anything) or, with a k_scale, whose used pages (clamped ids) hold a scale that is not finite
-    and > 0 in any slot, the slots past the sequence's end included."""
+    anything) or, with a k_scale, one of whose keys [0, seq_len) (through the clamped page ids)
+    has a scale that is not finite and > 0; other slots may hold anything."""
     from misa_compile.kernels.triton.launch.paged_decode_topk import checked_paging
 
     gen = torch.Generator().manual_seed(pages * page)
@@ -589,8 +639,9 @@ def test_triton_checked_paging_matches_its_definition(pages, dtype, page, scaled
     bad_len = (seq_lens < 0) | (seq_lens > pages * page)
     want = bad_page | bad_len
     if scaled:
-        bad_scale_page = ~((k_scale > 0) & (k_scale < float("inf"))).all(-1)
-        want = want | (used & bad_scale_page[table.clamp(0, num_pages - 1).long()]).any(-1)
+        visible = torch.arange(pages * page) < lengths[:, None]
+        scales = k_scale[table.clamp(0, num_pages - 1).long()].view(batch, pages * page)
+        want = want | (visible & ~((scales > 0) & (scales < float("inf")))).any(-1)
     assert torch.equal(got_faults, want)
     assert got_faults.any() and not got_faults.all(), "the case must have both kinds of rows"
     assert torch.equal(got_table, table.clamp(0, num_pages - 1))

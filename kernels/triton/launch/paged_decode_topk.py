@@ -87,9 +87,9 @@ def paged_decode_topk_op(q, k_cache, w, block_table, seq_lens, k_top, active_hea
 def checked_paging(k_cache, block_table, seq_lens, k_scale=None):
     """(block_table, seq_lens, faults [B]) with lengths clamped into [0, pages * page] and the
     page ids clamped into [0, P), on the device in one launch (paging.checked_paging_kernel),
-    which also checks the k_scale [P, page] rows of the used pages: faults marks the sequences
-    whose length or used pages were out of range, or whose used pages hold a scale that is not
-    finite and > 0."""
+    which also checks k_scale [P, page] where keys are visible: faults marks the sequences whose
+    length or used pages were out of range, or one of whose keys [0, seq_len) has a scale that
+    is not finite and > 0."""
     num_pages, page = k_cache.shape[:2]
     batch, pages = block_table.shape
     block_table = block_table.contiguous()  # the kernel reads a row with unit stride
