@@ -36,7 +36,6 @@ from misa_compile.kernels.triton.selection.compact_rows import compact_rows
 from misa_compile.kernels.triton.scoring import index_scores as isc
 from misa_compile.kernels.triton.scoring.index_scores import index_scores
 from misa_compile.kernels.triton.scoring import query_scores as qsc
-from misa_compile.kernels.triton.scoring.decode_scores import decode_scores
 from misa_compile.kernels.triton.scoring.query_scores import query_scores
 from misa_compile.kernels.triton.scoring.block_visibility import block_visibility
 from misa_compile.kernels.triton.scoring import router_scores as rs
@@ -341,14 +340,6 @@ def paged_decode(out, batch=64, T=65536, H=64, h=8, K=2048, page=64):
     q_r, w_r, _ = routed_inputs(q, w, heads)
     out["paged.query_scores routed"] = ms(lambda: query_scores(
         q_r, k_cache, w_r, scores, rows=1, row0=0, scale=1.0, block_table=table, **vis))
-    # What the op runs: one launch, the router and the gather inside the scoring program
-    # (against route_heads + routed_inputs + query_scores routed above).
-    flat = scores[:, 0]
-    out["paged.decode_scores dense"] = ms(lambda: decode_scores(
-        q[:, 0], k_cache, w[:, 0], lens, flat, scale=1.0, block_table=table))
-    out["paged.decode_scores routed, cached pooled keys"] = ms(lambda: decode_scores(
-        q[:, 0], k_cache, w[:, 0], lens, flat, scale=1.0, active_heads=h, pooled=pooled,
-        block_size=1024, block_table=table))
     values = torch.empty(batch, 1, K, device="cuda")
     indices = torch.empty(batch, 1, K, dtype=torch.int64, device="cuda")
     out["paged.topk_rows"] = ms(lambda: topk_rows(scores, K, values, indices,

@@ -26,40 +26,50 @@ def key_location(b, keys, mask, table_ptr, stride_tb, PAGED: tl.constexpr, PAGE:
 
 
 @triton.jit
-def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_ptr, scale_ptr,
-                          pages, num_pages, stride_tb, stride_ob, stride_sp, stride_ss,
-                          PAGE: tl.constexpr, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          SCALE_PAGES: tl.constexpr, SCALE_SLOTS: tl.constexpr):
-    """Sequence b's length clamped into [0, pages * PAGE] and the page ids of its used pages
-    clamped into [0, num_pages) (the rest copied as they are), with fault[b] set when either was
-    out of range or, with a k_scale [num_pages, PAGE], when the scale of one of its keys
-    [0, length) is not finite and > 0 (device_checks' rule; free pages and the unwritten slots
-    of the last page may hold anything)."""
+def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, flag_ptr, scale_ptr,
+                          pages, num_pages, pages_per_split, stride_tb, stride_ob, stride_sp,
+                          stride_ss, PAGE: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, SCALE_PAGES: tl.constexpr,
+                          SCALE_SLOTS: tl.constexpr):
+    """Program (b, 0): sequence b's length clamped into [0, pages * PAGE] and the page ids of
+    its used pages clamped into [0, num_pages) (the rest copied as they are), flag[b, 0] set when
+    either was out of range. With a k_scale [num_pages, PAGE], program (b, s) also checks the
+    scales of the keys [0, length) on its share of the pages (pages_per_split from s *
+    pages_per_split), flag[b, s] set when one is not finite and > 0 (device_checks' rule; free
+    pages and the unwritten slots of the last page may hold anything). The splits spread the
+    scale reads (16 MiB for 64 sequences of 64K keys) over the card."""
     b = tl.program_id(0)
+    split = tl.program_id(1)
     length = tl.load(len_ptr + b).to(tl.int64)
     capacity = pages * PAGE  # (no .to() on an int argument: Triton may pass a 1 as a constexpr)
     bad = (length < 0) | (length > capacity)
-    n = tl.arange(0, BLOCK)
-    for p0 in range(0, pages, BLOCK):
-        column = p0 + n
-        inside = column < pages
-        entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=inside, other=0)
-        used = inside & (column.to(tl.int64) * PAGE < length)
-        wrong = used & ((entry < 0) | (entry >= num_pages))
-        bad = bad | (tl.max(wrong.to(tl.int32), axis=0) > 0)
-        clamped = tl.minimum(tl.maximum(entry, 0), num_pages - 1)
-        tl.store(table_out_ptr + b.to(tl.int64) * stride_ob + column, clamped, mask=inside)
+    if split == 0:
+        n = tl.arange(0, BLOCK)
+        for p0 in range(0, pages, BLOCK):
+            column = p0 + n
+            inside = column < pages
+            entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=inside,
+                            other=0)
+            used = inside & (column.to(tl.int64) * PAGE < length)
+            wrong = used & ((entry < 0) | (entry >= num_pages))
+            bad = bad | (tl.max(wrong.to(tl.int32), axis=0) > 0)
+            clamped = tl.minimum(tl.maximum(entry, 0), num_pages - 1)
+            tl.store(table_out_ptr + b.to(tl.int64) * stride_ob + column, clamped, mask=inside)
+    else:
+        bad = False
     length = tl.minimum(tl.maximum(length, 0), capacity)
-    tl.store(len_out_ptr + b, length)
+    if split == 0:
+        tl.store(len_out_ptr + b, length)
     if HAS_SCALE:
-        # The used pages' scales, SCALE_PAGES pages a step: [pages, slots] tiles, so a long
-        # sequence takes a few wide loads rather than one dependent load per page.
+        # [pages, slots] tiles of SCALE_PAGES pages, so a long share takes a few wide loads
+        # rather than one dependent load per page.
         row = tl.arange(0, SCALE_PAGES)
         slot = tl.arange(0, SCALE_SLOTS)
-        used_pages = (length + PAGE - 1) // PAGE
-        for p0 in range(0, used_pages, SCALE_PAGES):
+        first = split * pages_per_split
+        end = tl.minimum(first + pages_per_split, (length + PAGE - 1) // PAGE)
+        for p0 in range(first, end, SCALE_PAGES):
             column = p0 + row
-            used = column < used_pages
+            used = column < end
             entry = tl.load(table_ptr + b.to(tl.int64) * stride_tb + column, mask=used, other=0)
             page = tl.minimum(tl.maximum(entry, 0), num_pages - 1).to(tl.int64)
             where = (column.to(tl.int64) * PAGE)[:, None] + slot[None, :] < length
@@ -69,4 +79,4 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, fault_
             # NaN fails both comparisons, -inf and 0 the first, +inf the second.
             wrong = where & ~((scale > 0) & (scale < float("inf")))
             bad = bad | (tl.max(tl.max(wrong.to(tl.int32), axis=1), axis=0) > 0)
-    tl.store(fault_ptr + b, bad.to(tl.int8))
+    tl.store(flag_ptr + b * tl.num_programs(1) + split, bad.to(tl.int8))

@@ -14,13 +14,8 @@ from misa_compile.kernels import reference, torch_impl
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 if torch.cuda.is_available():
-    from misa_compile.kernels.triton.launch.device_checks import fold_query_scale
-    from misa_compile.kernels.triton.launch.paged_decode_topk import checked_paging
-    from misa_compile.kernels.triton.launch.route_heads import route_heads
-    from misa_compile.kernels.triton.scoring.decode_scores import decode_scores
-    from misa_compile.kernels.triton.scoring.query_scores import query_scores
-    from misa_compile.kernels.triton.scoring.routed_inputs import routed_inputs
     from misa_compile.kernels.triton.scoring.router_scores import pooled_keys
+    from misa_compile.kernels.triton.launch.route_heads import route_heads
 
 ops = torch.ops.misa
 FP8 = torch.float8_e4m3fn
@@ -117,8 +112,7 @@ def test_misa_matches_the_torch_implementation(dtype):
     active = 8
     values, indices = ops.paged_decode_topk(q, k_cache, w, table, seq_lens, K_TOP, active, 1024,
                                             q_scale=q_scale, k_scale=k_scale)
-    # The op's router, called alone (the router's code in route_heads' kernel, same inputs:
-    # the same heads; test_decode_scores_equal_the_separate_launches checks that).
+    # The op's router, called alone (same kernel, same inputs: the same heads).
     w_folded = w if q_scale is None else w.float() * q_scale
     key_end = seq_lens.view(BATCH, 1)
     heads = route_heads(q[:, None], k_cache, w_folded[:, None], active, 1024, False,
@@ -202,34 +196,3 @@ def test_cached_pooled_keys_update_and_serve_decode():
     want = torch.where(torch.isfinite(want_values),
                        exact_scores(q, k, w, want_indices, heads), float("-inf"))
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-
-
-@pytest.mark.parametrize("active_heads", [0, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
-def test_decode_scores_equal_the_separate_launches(dtype, active_heads):
-    """decode_scores_kernel (the router and the q_scale fold inside the scoring program) gives
-    the scores of the launches it replaced: route_heads over the same pooled keys, then
-    routed_inputs and query_scores (MISA), or the fold and query_scores (dense)."""
-    q, k_cache, w, table, seq_lens, q_scale, k_scale = paged_site(dtype, seed=4)
-    table, lengths, _ = checked_paging(k_cache, table, seq_lens)
-    pooled = pooled_keys(k_cache, 1024, k_scale, table, lengths) if active_heads else None
-    got = torch.empty(BATCH, MAX_KEYS, device="cuda")
-    faults = decode_scores(q, k_cache, w, lengths, got, scale=0.5, active_heads=active_heads,
-                           pooled=pooled, block_size=1024, q_scale=q_scale, k_scale=k_scale,
-                           block_table=table)
-    assert faults is None if q_scale is None else not faults.any()
-    q1, w1 = q[:, None], w[:, None]
-    s1 = None if q_scale is None else q_scale[:, None]
-    key_end = lengths.view(BATCH, 1)
-    vis = dict(causal=False, key_start=torch.zeros_like(key_end), key_end=key_end)
-    if active_heads:
-        heads = route_heads(q1, k_cache, fold_query_scale(w1, s1), active_heads, 1024, **vis,
-                            k_scale=k_scale, block_table=table, seq_lens=lengths, kbar=pooled)
-        q1, w1, _ = routed_inputs(q1, w1, heads, s1)
-    else:
-        w1 = fold_query_scale(w1, s1)
-    want = torch.empty(BATCH, 1, MAX_KEYS, device="cuda")
-    query_scores(q1, k_cache, w1, want, rows=1, row0=0, scale=0.5, k_scale=k_scale,
-                 block_table=table, **vis)
-    # The same walk over the same tiles with the same heads in the same order: the same bits.
-    assert torch.equal(got.view(torch.int32), want[:, 0].view(torch.int32))

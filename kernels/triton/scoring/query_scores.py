@@ -50,48 +50,18 @@ def score_query_keys(
     exact recompute of flagged rows (selection/flagged_topk.py)."""
     lo, hi = visible_range(b, t, True, ks_ptr, ke_ptr, stride_rb, stride_rs, T, S_total,
                            CAUSAL, RAGGED)
+
     heads = tl.arange(0, BLOCK_H)
     slot_ok = heads < HS
-    q_t, w = load_query_heads(q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs,
-                        w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws,
-                              heads, slot_ok, stride_qh, stride_qd, stride_wh, D, DOT_DTYPE,
-                              BLOCK_D)
-    score_key_run(q_t, w, k_ptr, cand_ptr, out_row, kscale_ptr, table_ptr, mask_ptr, b, i, t,
-                  lo, hi, col_start, col_end, T, scale, stride_kb, stride_kt, stride_kd,
-                  stride_cb, stride_cs, stride_cn, stride_sb, stride_st, stride_tb, stride_mb,
-                  stride_ms, stride_mt, D, GATHER, HAS_KSCALE, PAGED, PAGE, MASK_KIND, DOT_DTYPE,
-                  PRECISION, BLOCK_N, BLOCK_D)
-
-
-@triton.jit
-def load_query_heads(q_row, w_row, heads, slot_ok, stride_qh, stride_qd, stride_wh, D,
-               DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(q of the given heads as the [BLOCK_D, heads] dot operand, their w fp32) of the query
-    whose q [H, D] starts at q_row and w [H] at w_row; slots off slot_ok are zero."""
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(q_row + heads[:, None].to(tl.int64) * stride_qh + d[None, :] * stride_qd,
-                mask=slot_ok[:, None] & (d < D)[None, :], other=0.0).to(DOT_DTYPE)
-    w = tl.load(w_row + heads.to(tl.int64) * stride_wh, mask=slot_ok, other=0.0)
-    return tl.trans(q), w.to(tl.float32)
-
-
-@triton.jit
-def score_key_run(
-    q_t, w, k_ptr, cand_ptr, out_row, kscale_ptr, table_ptr, mask_ptr, b, i, t, lo, hi,
-    col_start, col_end, T, scale,
-    stride_kb, stride_kt, stride_kd,
-    stride_cb, stride_cs, stride_cn,
-    stride_sb, stride_st, stride_tb,
-    stride_mb, stride_ms, stride_mt,
-    D,
-    GATHER: tl.constexpr, HAS_KSCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The walk of score_query_keys over columns [col_start, col_end) for a query tile q_t
-    [BLOCK_D, heads] with weights w [heads] fp32 that sees keys [lo, hi)."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qs
+    q = tl.load(q_base + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=slot_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q_t = tl.trans(q)
+    w = tl.load(w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws + heads * stride_wh,
+                mask=slot_ok, other=0.0).to(tl.float32)
+
     if not GATHER:
         # Keys outside [lo, hi) are hidden for this query: walk only the visible part.
         first = tl.maximum(col_start, lo // BLOCK_N * BLOCK_N)
@@ -186,12 +156,6 @@ def query_tile(block_h: int, key_bytes: int, gathered: bool) -> tuple[int, int, 
     return 128 if wide else 64, 4 if block_h <= 64 else 8, 2 if key_bytes >= 4 else 3
 
 
-def programs_per_query(n_cols: int, block_n: int, queries: int) -> int:
-    """Programs that share one query's n_cols columns: enough to fill the card, each walking a
-    long run of keys (the query tile is loaded once per program)."""
-    return max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(1024, queries)))
-
-
 def query_operands(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, causal: bool,
                    key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
                    scale: float, candidates: Optional[torch.Tensor] = None,
@@ -255,8 +219,10 @@ def query_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, out: torch.T
                                        key_end=key_end, scale=scale, candidates=candidates,
                                        k_scale=k_scale, block_table=block_table, mask=mask)
     block_n = operands["BLOCK_N"]
-    parts = programs_per_query(n_cols, block_n, batch * rows)
-    cols_per_program = triton.cdiv(triton.cdiv(n_cols, parts), block_n) * block_n
+    # Enough programs to fill the card, each walking a long run of keys (the query tile is
+    # loaded once per program).
+    programs_per_row = max(1, min(triton.cdiv(n_cols, block_n), triton.cdiv(1024, batch * rows)))
+    cols_per_program = triton.cdiv(triton.cdiv(n_cols, programs_per_row), block_n) * block_n
     grid = (batch * rows, triton.cdiv(n_cols, cols_per_program))
     wrap_triton(query_scores_kernel)[grid](
         **operands, out_ptr=out, rows=rows, row0=row0, n_cols=n_cols,

@@ -113,47 +113,6 @@ def pooled_keys(k: torch.Tensor, block: int, k_scale: Optional[torch.Tensor] = N
 
 
 @triton.jit
-def router_row_scores(q_tile, w, kbar_ptr, stride_kn, n_blocks, block, lo, hi, has_keys, bv_ptr,
-                      b, t, stride_vb, stride_vs, stride_vn, D, BLOCK_MASK: tl.constexpr,
-                      BLOCK_NB: tl.constexpr, BLOCK_D: tl.constexpr):
-    """r of each row of q_tile [R, BLOCK_D] fp32 (a query's head; w [R] fp32 its weight,
-    [lo, hi) its key range, has_keys whether the row counts; t [R] its query, read only with a
-    block mask) over one sequence's pooled keys kbar_ptr [n_blocks, D]: |w| * the sum of
-    ReLU(q . kbar) over the blocks the range overlaps (and the mask lets through), NaN as
-    -inf."""
-    d = tl.arange(0, BLOCK_D)
-    r = tl.zeros_like(w)
-    # Not software-pipelined: the router is a short prologue in the decode scoring kernel,
-    # whose shared memory belongs to the key loop's stages.
-    for nb0 in tl.range(0, n_blocks, BLOCK_NB, num_stages=1):
-        blocks = nb0 + tl.arange(0, BLOCK_NB)
-        kbar = tl.load(kbar_ptr + blocks[:, None] * stride_kn + d[None, :],
-                       mask=(blocks < n_blocks)[:, None] & (d < D)[None, :], other=0.0)
-        per_block = tl.dot(q_tile, tl.trans(kbar), input_precision="tf32x3")
-        first = blocks * block
-        visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
-                   & (blocks < n_blocks)[None, :] & has_keys[:, None])
-        # With a mask, the blocks that hold a key the query sees (block_visibility.py).
-        visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
-                                    stride_vb, stride_vs, stride_vn, BLOCK_MASK)
-        relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        r += tl.sum(tl.where(visible, relu, 0.0), axis=1)
-    r = tl.abs(w) * r
-    return tl.where(r == r, r, float("-inf"))
-
-
-@triton.jit
-def pick_top_head(keys, head, H):
-    """(the head of each row's largest key in keys [Q, H_TILE], the lower head index winning among
-    equal keys; keys with that head set to 0). Key 0 lies below the key of every score, -inf
-    included: a taken head never wins again, so a row whose scores are all -inf still gets
-    distinct heads, and padding heads (key 0, index >= H) are never taken."""
-    best = tl.max(keys, axis=1)
-    pick = tl.min(tl.where(keys == best[:, None], head, H), axis=1)
-    return pick, tl.where(head == pick[:, None], 0, keys)
-
-
-@triton.jit
 def store_top_heads(r, query0, queries, active_heads, heads_ptr, stride_hs, H: tl.constexpr,
                     QUERIES: tl.constexpr):
     """heads_ptr[t, :active_heads] (int64) = the heads of the largest of r[t, :], for the QUERIES
@@ -165,8 +124,12 @@ def store_top_heads(r, query0, queries, active_heads, heads_ptr, stride_hs, H: t
     t = query0 + tl.arange(0, QUERIES)
     out = heads_ptr + t.to(tl.int64) * stride_hs
     for i in range(active_heads):
-        pick, keys = pick_top_head(keys, head, H)
+        best = tl.max(keys, axis=1)
+        pick = tl.min(tl.where(keys == best[:, None], head, H), axis=1)
         tl.store(out + i, pick.to(tl.int64), mask=t < queries)
+        # Key 0 lies below the key of every score, -inf included: a taken head never wins
+        # again, so a query whose scores are all -inf still gets distinct heads.
+        keys = tl.where(head == pick[:, None], 0, keys)
 
 
 @triton.jit
@@ -200,11 +163,25 @@ def router_scores_kernel(
               + j.to(tl.int64) * stride_qh)
     q_tile = tl.load(q_rows[:, None] + d[None, :] * stride_qd,
                      mask=pair_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for nb0 in range(0, n_blocks, BLOCK_NB):
+        blocks = nb0 + tl.arange(0, BLOCK_NB)
+        kbar = tl.load(kbar_ptr + b.to(tl.int64) * stride_kb + blocks[:, None] * stride_kn
+                       + d[None, :], mask=(blocks < n_blocks)[:, None] & d_ok[None, :],
+                       other=0.0)
+        per_block = tl.dot(q_tile, tl.trans(kbar), input_precision="tf32x3")
+        first = blocks * block
+        visible = ((first[None, :] < hi[:, None]) & (first[None, :] + block > lo[:, None])
+                   & (blocks < n_blocks)[None, :] & has_keys[:, None])
+        # With a mask, the blocks that hold a key the query sees (block_visibility.py).
+        visible, _ = load_mask_tile(bv_ptr, b, t[:, None], blocks[None, :], visible,
+                                    stride_vb, stride_vs, stride_vn, BLOCK_MASK)
+        relu = tl.maximum(per_block, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        r += tl.sum(tl.where(visible, relu, 0.0), axis=1)
     w = tl.load(w_ptr + b.to(tl.int64) * stride_wb + t.to(tl.int64) * stride_ws
                 + j.to(tl.int64) * stride_wh, mask=pair_ok, other=0.0).to(tl.float32)
-    r = router_row_scores(q_tile, w, kbar_ptr + b.to(tl.int64) * stride_kb, stride_kn,
-                          n_blocks, block, lo, hi, has_keys, bv_ptr, b, t, stride_vb, stride_vs,
-                          stride_vn, D, BLOCK_MASK, BLOCK_NB, BLOCK_D)
+    r = tl.abs(w) * r
+    r = tl.where(r == r, r, float("-inf"))
     if SELECT_HEADS:
         # The tile's pairs are BLOCK_R // H whole queries (selects_heads), so their heads are
         # picked here and only the heads are written.
