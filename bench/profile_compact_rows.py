@@ -10,9 +10,12 @@ has 25 barriers a piece against 6 for one warp. One table, last:
 
 Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores (what
 compact_rows does); 3 = stores placed by a two-level scan (runs of 16 lanes, then the runs'
-counts) instead of one scan over the piece; "2 + prefetch" = stage 2 with the next piece loaded
-before the current one is scanned. Rows of stages 2 and 3 are checked against compact_rows'
-lists (as sets)."""
+counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
+stores); 5 = stage 2 storing value and key id packed in one 8-byte store; "2 + prefetch" = stage
+2 with the next piece loaded before the current one is scanned. The lists of stages 2, 3 and 5
+are checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
+stages 0-1 ran at the read rate and the stores doubled the time: 4 and 5 tell whether the
+number of store instructions is what costs."""
 from __future__ import annotations
 
 import os
@@ -41,13 +44,15 @@ def load_piece(row, cols, n_cols, UNMASKED: tl.constexpr):
 
 
 @triton.jit
-def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, count_ptr, n_cols, stride_r,
-                          CAP: tl.constexpr, STAGES: tl.constexpr, UNMASKED: tl.constexpr,
-                          BLOCK: tl.constexpr, PREFETCH: tl.constexpr = False):
+def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, pack_ptr, count_ptr, n_cols,
+                          stride_r, CAP: tl.constexpr, STAGES: tl.constexpr,
+                          UNMASKED: tl.constexpr, BLOCK: tl.constexpr,
+                          PREFETCH: tl.constexpr = False):
     r = tl.program_id(0)
     row = src_ptr + r.to(tl.int64) * stride_r
     out_val = val_ptr + r.to(tl.int64) * CAP
     out_idx = idx_ptr + r.to(tl.int64) * CAP
+    out_pack = pack_ptr + r.to(tl.int64) * CAP
     lo = tl.load(lo_ptr + r)
     count = tl.zeros((), dtype=tl.int32)
     sink = tl.zeros((), dtype=tl.int32)  # keeps stage 1's scan alive without stores
@@ -72,12 +77,18 @@ def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, count_ptr, n_cols, 
             tl.store(out_idx + slot, tl.reshape(cols, [BLOCK // 16, 16]), mask=keep)
         elif STAGES >= 1:
             slot = count + tl.cumsum(take, axis=0) - 1
+            keep = (take > 0) & (slot < CAP)
             if STAGES == 1:
                 sink += tl.max(tl.where(take > 0, slot, 0), axis=0)
-            else:
-                keep = (take > 0) & (slot < CAP)
+            elif STAGES == 2:
                 tl.store(out_val + slot, x, mask=keep)
                 tl.store(out_idx + slot, cols, mask=keep)
+            elif STAGES == 4:
+                tl.store(out_val + slot, x, mask=keep)
+            else:
+                # Value bits high, key id low: one 8-byte store per candidate.
+                bits = x.to(tl.int32, bitcast=True).to(tl.int64) << 32
+                tl.store(out_pack + slot, bits | cols.to(tl.int64), mask=keep)
         count += tl.sum(take, axis=0)
     tl.store(count_ptr + r, count + sink)
 
@@ -93,6 +104,7 @@ def main():
     val = torch.empty(rows, plan.capacity, device=device)
     idx = torch.empty(rows, plan.capacity, dtype=torch.int32, device=device)
     count = torch.empty(rows, dtype=torch.int32, device=device)
+    pack = torch.empty(rows, plan.capacity, dtype=torch.int64, device=device)
 
     def ms(fn):
         if CPU_CHECK:
@@ -109,14 +121,14 @@ def main():
     want_count = count.clone()
     checked = sorted({0, rows // 2, rows - 1})
     want = {i: set(idx[i, :int(want_count[i])].tolist()) for i in checked}
-    variants = [(stages, False) for stages in (0, 1, 2, 3)] + [(2, True)]
+    variants = [(stages, False) for stages in (0, 1, 2, 3, 4, 5)] + [(2, True)]
     for stages, prefetch in variants:
         for unmasked in (False, True):
             for block, warps in TILES:
                 def run(stages=stages, unmasked=unmasked, block=block, warps=warps,
                         prefetch=prefetch):
                     compact_stages_kernel[(rows,)](
-                        x, lo, val, idx, count, width, x.stride(1), CAP=plan.capacity,
+                        x, lo, val, idx, pack, count, width, x.stride(1), CAP=plan.capacity,
                         STAGES=stages, UNMASKED=unmasked, BLOCK=block, PREFETCH=prefetch,
                         num_warps=warps)
                 name = (f"stages {stages}{' + prefetch' if prefetch else ''}, "
@@ -124,8 +136,9 @@ def main():
                 table[name] = ms(run)
                 if stages >= 2:
                     run()
-                    same = torch.equal(count, want_count) and all(
-                        set(idx[i, :int(count[i])].tolist()) == want[i] for i in checked)
+                    ids = {2: idx, 3: idx, 4: None, 5: pack & 0xFFFFFFFF}[stages]
+                    same = torch.equal(count, want_count) and (ids is None or all(
+                        set(ids[i, :int(count[i])].tolist()) == want[i] for i in checked))
                     assert same, f"{name}: lists differ from compact_rows'"
     if not CPU_CHECK:
         print("compact_rows tuned configs (key: CAP, SPLIT, dtypes):", cr._tuned_kernel.cache)
