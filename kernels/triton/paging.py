@@ -42,7 +42,7 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, flag_p
     split = tl.program_id(1)
     length = tl.load(len_ptr + b).to(tl.int64)
     capacity = pages * PAGE  # (no .to() on an int argument: Triton may pass a 1 as a constexpr)
-    bad = (length < 0) | (length > capacity)
+    bad = ((length < 0) | (length > capacity)) & (split == 0)  # (reported by split 0 alone)
     if split == 0:
         n = tl.arange(0, BLOCK)
         for p0 in range(0, pages, BLOCK):
@@ -55,8 +55,6 @@ def checked_paging_kernel(table_ptr, len_ptr, table_out_ptr, len_out_ptr, flag_p
             bad = bad | (tl.max(wrong.to(tl.int32), axis=0) > 0)
             clamped = tl.minimum(tl.maximum(entry, 0), num_pages - 1)
             tl.store(table_out_ptr + b.to(tl.int64) * stride_ob + column, clamped, mask=inside)
-    else:
-        bad = False
     length = tl.minimum(tl.maximum(length, 0), capacity)
     if split == 0:
         tl.store(len_out_ptr + b, length)
