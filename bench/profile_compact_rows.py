@@ -11,9 +11,11 @@ has 25 barriers a piece against 6 for one warp. One table, last:
 Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores (what
 compact_rows does); 3 = stores placed by a two-level scan (runs of 16 lanes, then the runs'
 counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
-stores); 5 = stage 2 storing value and key id packed in one 8-byte store; "2 + prefetch" = stage
-2 with the next piece loaded before the current one is scanned. The lists of stages 2, 3 and 5
-are checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
+stores); 5 = stage 2 storing value and key id packed in one 8-byte store; 6 = stage 2 with
+scalar loads, which give each lane every 32nd element, so that a store instruction covers 32
+consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage
+2 with the next piece loaded before the current one is scanned. The lists of stages 2, 3, 5
+and 6 are checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
 stages 0-1 ran at the read rate and the stores doubled the time: 4 and 5 tell whether the
 number of store instructions is what costs."""
 from __future__ import annotations
@@ -59,6 +61,11 @@ def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, pack_ptr, count_ptr
     x_next = load_piece(row, tl.arange(0, BLOCK), n_cols, UNMASKED)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
+        if STAGES == 6:
+            # Contiguity 1 turns the vector loads into scalar ones, and with them the layout:
+            # lane t holds elements t, t + 32, ..., so that a store instruction covers 32
+            # consecutive elements, whose kept ones have consecutive slots.
+            cols = tl.max_contiguous(cols, 1)
         if PREFETCH:
             # The next piece's load is issued before this piece's scan and stores, so the two
             # overlap (Triton does not pipeline loads that feed no dot).
@@ -80,7 +87,7 @@ def compact_stages_kernel(src_ptr, lo_ptr, val_ptr, idx_ptr, pack_ptr, count_ptr
             keep = (take > 0) & (slot < CAP)
             if STAGES == 1:
                 sink += tl.max(tl.where(take > 0, slot, 0), axis=0)
-            elif STAGES == 2:
+            elif STAGES == 2 or STAGES == 6:
                 tl.store(out_val + slot, x, mask=keep)
                 tl.store(out_idx + slot, cols, mask=keep)
             elif STAGES == 4:
@@ -121,7 +128,7 @@ def main():
     want_count = count.clone()
     checked = sorted({0, rows // 2, rows - 1})
     want = {i: set(idx[i, :int(want_count[i])].tolist()) for i in checked}
-    variants = [(stages, False) for stages in (0, 1, 2, 3, 4, 5)] + [(2, True)]
+    variants = [(stages, False) for stages in (0, 1, 2, 3, 4, 5, 6)] + [(2, True)]
     for stages, prefetch in variants:
         for unmasked in (False, True):
             for block, warps in TILES:
@@ -136,7 +143,7 @@ def main():
                 table[name] = ms(run)
                 if stages >= 2:
                     run()
-                    ids = {2: idx, 3: idx, 4: None, 5: pack & 0xFFFFFFFF}[stages]
+                    ids = {2: idx, 3: idx, 4: None, 5: pack & 0xFFFFFFFF, 6: idx}[stages]
                     same = torch.equal(count, want_count) and (ids is None or all(
                         set(ids[i, :int(count[i])].tolist()) == want[i] for i in checked))
                     assert same, f"{name}: lists differ from compact_rows'"
