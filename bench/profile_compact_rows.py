@@ -13,11 +13,11 @@ compact_rows does); 3 = stores placed by a two-level scan (runs of 16 lanes, the
 counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
 stores); 5 = stage 2 storing value and key id packed in one 8-byte store; 6 = stage 2 with
 scalar loads, which give each lane every 32nd element, so that a store instruction covers 32
-consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage
-2 with the next piece loaded before the current one is scanned. The lists of stages 2, 3, 5
-and 6 are checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
-stages 0-1 ran at the read rate and the stores doubled the time: 4 and 5 tell whether the
-number of store instructions is what costs."""
+consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage 2 with the
+next piece loaded before the current one is scanned. The lists of stages 2, 3, 5 and 6 are
+checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
+stages 0-1 ran at the read rate and the stores doubled the time: 4, 5 and 6 tell whether the
+number of store instructions, or of the memory transactions they make, is what costs."""
 from __future__ import annotations
 
 import os

@@ -33,9 +33,9 @@ promises that no key before first_token changed since `pooled` was computed.
 Out-of-range values (a seq_len outside [0, pages * page], a page id of a used page outside
 [0, P), a q_scale or the k_scale of a visible key (slot n < seq_len) that is not finite and > 0)
 raise on the CPU and in debug mode (validation.debug_checks); the scales of free pages and of
-the unwritten slots of a last page are never read. On CUDA otherwise nothing is read from the host: lengths and page
-ids are clamped before any key is read, and the sequence's row is poisoned (values NaN,
-indices -1)."""
+the unwritten slots of a last page are never read. On CUDA otherwise nothing is read from the
+host: lengths and page ids are clamped before any key is read, and the sequence's row is
+poisoned (values NaN, indices -1)."""
 from __future__ import annotations
 
 from typing import Optional
