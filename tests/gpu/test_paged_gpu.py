@@ -196,3 +196,34 @@ def test_cached_pooled_keys_update_and_serve_decode():
     want = torch.where(torch.isfinite(want_values),
                        exact_scores(q, k, w, want_indices, heads), float("-inf"))
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("active_heads", [0, 8])
+def test_only_the_scales_of_visible_keys_are_checked(active_heads):
+    """A serving pool's scales outside the visible keys (free pages, the unwritten slots of last
+    pages) may hold anything, 0 or NaN: the op reads none of them, so its selection is the one
+    with valid scales there, bit for bit. A bad scale at a visible key poisons exactly its
+    sequence (checked_paging_kernel's scale check, split over the card)."""
+    q, k_cache, w, table, seq_lens, q_scale, k_scale = paged_site(FP8, seed=5)
+    position = torch.arange(MAX_KEYS, device="cuda")
+    visible_pages = table.clamp_min(0).long()[:, position // PAGE]
+    visible = position < seq_lens[:, None].long()
+    seen = torch.zeros_like(k_scale, dtype=torch.bool)
+    seen[visible_pages[visible], (position % PAGE).expand_as(visible)[visible]] = True
+    pool = torch.where(seen, k_scale, 0.0)
+    pool.view(-1)[(~seen).view(-1).nonzero()[0]] = float("nan")
+    call = lambda scales: ops.paged_decode_topk(q, k_cache, w, table, seq_lens, K_TOP,
+                                                active_heads, 1024, q_scale=q_scale,
+                                                k_scale=scales)
+    want_values, want_indices = call(torch.where(seen, k_scale, 1.0))
+    values, indices = call(pool)
+    assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
+    finite = torch.isfinite(values)
+    assert torch.equal((indices * finite).sort(-1).values,
+                       (want_indices * torch.isfinite(want_values)).sort(-1).values)
+    b, n = 5, int(seq_lens[5]) - 1  # the last key of sequence 5
+    pool[table[b, n // PAGE], n % PAGE] = -1.0
+    values, indices = call(pool)
+    assert values[b].isnan().all() and (indices[b] == -1).all()
+    others = torch.arange(BATCH, device="cuda") != b
+    assert torch.equal(values[others].sort(-1).values, want_values[others].sort(-1).values)
