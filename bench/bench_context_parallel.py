@@ -367,6 +367,10 @@ def main() -> int:
             report += f"\nNot run (--budget-s {args.budget_s:g}): {skipped}"
         (out / "context_parallel.md").write_text(report + "\n")
         print(report, flush=True)
+    # Every rank leaves together. Once, on a 2-core CPU machine, gloo rank 1 aborted
+    # ("terminate called without an active exception") after tearing its group down while
+    # rank 0 still wrote the report.
+    dist.barrier()
     dist.destroy_process_group()
     return int(device.type == "cuda" and any(kernels_used(r) == "NOT Triton" for r in rows))
 
