@@ -241,11 +241,9 @@ def test_both_slot_reservations_append_exactly_the_scores_above_threshold(per_el
         assert torch.equal(cand_val[row, :n], x[row, ids])
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("parts", [1, 3])
-def test_row_compaction_keeps_the_finite_scores_above_threshold(parts, prefetch):
+def test_row_compaction_keeps_the_finite_scores_above_threshold(parts):
     # parts=1: one program per row, column order; parts=3: pieces reserve slots by atomics.
-    # prefetch: each piece loaded one step ahead (the last prefetch lies past the part's end).
     x = torch.randn(2, 3, 70)
     x[0, 1, 5] = float("nan")
     x[1, 0, :60] = NEG_INF
@@ -253,7 +251,7 @@ def test_row_compaction_keeps_the_finite_scores_above_threshold(parts, prefetch)
     cap = 24
     cand_val, cand_idx = torch.empty(6, cap), torch.empty(6, cap, dtype=torch.int32)
     count = torch.full((6,), 99, dtype=torch.int32)
-    compact_rows(x, lo, cand_val, cand_idx, count, parts=parts, prefetch=prefetch)
+    compact_rows(x, lo, cand_val, cand_idx, count, parts=parts)
     flat = x.reshape(6, 70)
     expected = (flat >= lo[:, None]) & (flat > NEG_INF)
     assert torch.equal(count.long(), expected.sum(-1))

@@ -21,14 +21,9 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _load_piece(row, cols, col_end):
-    return tl.load(row + cols, mask=cols < col_end, other=float("-inf"))
-
-
-@triton.jit
 def compact_rows_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, rows_per_batch,
                         n_cols, cols_per_program, stride_b, stride_r, CAP: tl.constexpr,
-                        SPLIT: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                        SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     b = r // rows_per_batch
     i = r % rows_per_batch
@@ -39,17 +34,9 @@ def compact_rows_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, 
     out_idx = cand_idx_ptr + r.to(tl.int64) * CAP
     lo = tl.load(lo_ptr + r)
     count = tl.zeros((), dtype=tl.int32)
-    if PREFETCH:
-        x_next = _load_piece(row, col_start + tl.arange(0, BLOCK), col_end)
     for c0 in range(col_start, col_end, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        if PREFETCH:
-            # The next piece is loaded before this one is scanned and stored, so that its
-            # read overlaps them (Triton pipelines only loads that feed a dot).
-            x = x_next
-            x_next = _load_piece(row, cols + BLOCK, col_end)
-        else:
-            x = _load_piece(row, cols, col_end)
+        x = tl.load(row + cols, mask=cols < col_end, other=float("-inf"))
         # NaN fails both comparisons, so it is never kept (it ranks with hidden keys).
         take = (x >= lo) & (x > float("-inf"))
         take_i = take.to(tl.int32)
@@ -68,12 +55,11 @@ def compact_rows_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, 
 
 
 # Narrow programs with many resident per SM hide the latency of each piece's prefix sum; the
-# tuner picks the piece width and warps per program, and whether the next piece is prefetched
-# (keyed on the capacity and split, so the many widths of causal chunks do not each retune).
+# tuner picks the piece width and warps per program (keyed on the capacity and split, so the
+# many widths of causal chunks do not each retune).
 _tuned_kernel = triton.autotune(
-    configs=[triton.Config({"BLOCK": block, "PREFETCH": prefetch}, num_warps=warps)
-             for block, warps in ((512, 1), (1024, 1), (1024, 2), (2048, 4), (4096, 8))
-             for prefetch in (False, True)],
+    configs=[triton.Config({"BLOCK": block}, num_warps=warps)
+             for block, warps in ((512, 1), (1024, 1), (1024, 2), (2048, 4), (4096, 8))],
     # Split rows accumulate into the count (whole rows overwrite it): every tuning run starts
     # from zero. reset_to_zero, not a pre_hook, so that Inductor can tune the kernel itself.
     key=["CAP", "SPLIT"], reset_to_zero=["count_ptr"],
@@ -81,12 +67,10 @@ _tuned_kernel = triton.autotune(
 
 
 def compact_rows(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
-                 cand_idx: torch.Tensor, count: torch.Tensor, parts: int = 0,
-                 prefetch: bool = False) -> None:
+                 cand_idx: torch.Tensor, count: torch.Tensor, parts: int = 0) -> None:
     """src [B, R, n] fp32 (unit column stride); lo, count [B*R] (count is overwritten);
     cand_val fp32 / cand_idx int32 [B*R, CAP]. parts: programs per row (0: automatic, more than
-    one only when there are too few rows to fill the card). prefetch: the interpreter's choice
-    (on the GPU the tuner picks)."""
+    one only when there are too few rows to fill the card)."""
     batch, rows, n_cols = src.shape
     assert src.stride(-1) == 1
     flat = batch * rows
@@ -103,6 +87,6 @@ def compact_rows(src: torch.Tensor, lo: torch.Tensor, cand_val: torch.Tensor,
             src.stride(1))
     if INTERPRET:
         wrap_triton(compact_rows_kernel)[grid](*args, CAP=cand_val.shape[1], SPLIT=split, BLOCK=16,
-                                               PREFETCH=prefetch, num_warps=1)
+                                  num_warps=1)
         return
     wrap_triton(_tuned_kernel)[grid](*args, CAP=cand_val.shape[1], SPLIT=split)
