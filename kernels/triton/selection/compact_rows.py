@@ -35,7 +35,12 @@ def compact_rows_kernel(src_ptr, lo_ptr, cand_val_ptr, cand_idx_ptr, count_ptr, 
     lo = tl.load(lo_ptr + r)
     count = tl.zeros((), dtype=tl.int32)
     for c0 in range(col_start, col_end, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
+        # Contiguity 1 makes the loads scalar and, with them, the layout the stores need: lane t
+        # holds elements t, t + 32, ..., so the scan's slots and the stores stay in the load's
+        # layout. With 4-wide vector loads the stores first went through shared memory (a
+        # layout conversion with barriers every piece): 1.55 ms against 0.90 at 8192 x 65536
+        # on an H100 (bench/profile_compact_rows.py, stages 2 and 6).
+        cols = tl.max_contiguous(c0 + tl.arange(0, BLOCK), 1)
         x = tl.load(row + cols, mask=cols < col_end, other=float("-inf"))
         # NaN fails both comparisons, so it is never kept (it ranks with hidden keys).
         take = (x >= lo) & (x > float("-inf"))
