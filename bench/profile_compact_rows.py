@@ -6,9 +6,9 @@ unmasked loads, at several piece widths and warps. One table, last:
     PYTHONPATH=bench python3 bench/profile_compact_rows.py
     TRITON_INTERPRET=1 PYTHONPATH=bench python3 bench/profile_compact_rows.py   # CPU check
 
-Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores, with 4-wide
-vector loads (what compact_rows did); 3 = stores placed by a two-level scan (runs of 16 lanes, then the runs'
-counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
+Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores, with
+4-wide vector loads (what compact_rows did); 3 = stores placed by a two-level scan (runs of 16
+lanes, then the runs' counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
 stores); 5 = stage 2 storing value and key id packed in one 8-byte store; 6 = stage 2 with
 scalar loads, which give each lane every 32nd element, so that a store instruction covers 32
 consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage 2 with the
