@@ -8,12 +8,12 @@ unmasked loads, at several piece widths and warps. One table, last:
 
 Stages (STAGES): 0 = load, compare, count; 1 = + the slots' prefix sum; 2 = + the stores, with
 4-wide vector loads (what compact_rows did); 3 = stores placed by a two-level scan (runs of 16
-lanes, then the runs' counts) instead of one scan over the piece; 4 = stage 2 storing the values only (half the
-stores); 5 = stage 2 storing value and key id packed in one 8-byte store; 6 = stage 2 with
-scalar loads, which give each lane every 32nd element, so that a store instruction covers 32
-consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage 2 with the
-next piece loaded before the current one is scanned. The lists of stages 2, 3, 5 and 6 are
-checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
+lanes, then the runs' counts) instead of one scan over the piece; 4 = stage 2 storing the values
+only (half the stores); 5 = stage 2 storing value and key id packed in one 8-byte store; 6 =
+stage 2 with scalar loads, which give each lane every 32nd element, so that a store instruction
+covers 32 consecutive elements (kept ones land in consecutive slots); "2 + prefetch" = stage 2
+with the next piece loaded before the current one is scanned. The lists of stages 2, 3, 5 and 6
+are checked against compact_rows' (as sets), the counts of stage 4. On an H100 (docs/kernels.md)
 stages 0-1 ran at the read rate (0.71 ms), stage 2 took 1.55 ms and stage 6 0.90: with vector
 loads the stores first moved every piece through shared memory into their own layout, so
 compact_rows now loads as stage 6 does, and its tuned time is stage 6's."""
