@@ -1,0 +1,51 @@
+"""Inductor's analysis of every launched Triton kernel (inductor_writes.py, TTIR for an H100 on
+any machine) succeeds and finds the arguments each kernel writes. Inductor orders the kernels of
+a traced op and decides which inputs to clone from this analysis: a kernel whose writes it
+cannot see (stores in inline asm) could be reordered past its readers, and one it cannot
+analyse at all makes it assume every input is written."""
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("inductor_writes.py")
+
+# Each kernel's outputs (the union over its variants). Some inputs appear too: the analysis
+# marks a pointer written when a store's address depends on data loaded through it
+# (candidate_topk places winners by their loaded values; hidden_tails by the visibility it
+# reads; flagged_topk by the scores), which costs at most a clone of that input.
+WRITES = {
+    "block_visibility_kernel": {"out_ptr"},
+    "candidate_topk_kernel": {"flag_ptr", "out_idx_ptr", "out_val_ptr", "val_ptr"},
+    "checked_paging_kernel": {"flag_ptr", "len_out_ptr", "table_out_ptr"},
+    "compact_rows_kernel": {"cand_idx_ptr", "cand_val_ptr", "count_ptr"},
+    "flagged_rescore_kernel": {"out_idx_ptr", "out_val_ptr", "scratch_ptr"},
+    "flagged_topk_kernel": {"out_idx_ptr", "out_val_ptr", "src_ptr"},
+    "hidden_tails_kernel": {"idx_ptr", "ke_ptr", "ks_ptr", "mask_ptr", "val_ptr"},
+    # FULL writes out; EMIT appends values to out (the candidate values) and ids to cand_idx.
+    "index_scores_kernel": {"cand_idx_ptr", "count_ptr", "out_ptr"},
+    "pooled_keys_kernel": {"out_ptr"},
+    "query_scores_kernel": {"out_ptr"},
+    "routed_inputs_kernel": {"fault_ptr", "q_out_ptr", "w_out_ptr"},
+    "router_scores_kernel": {"out_ptr"},
+    "sample_threshold_kernel": {"lo_ptr"},
+}
+
+
+def test_inductor_sees_what_every_kernel_writes():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    gave_up = [row for row in rows if row["gave_up"]]
+    assert not gave_up, json.dumps(gave_up[:3])
+    found = defaultdict(set)
+    for row in rows:
+        found[row["kernel"]].update(row["writes"])
+    assert dict(found) == WRITES
+    emit = [set(row["writes"]) for row in rows
+            if row["kernel"] == "index_scores_kernel" and "count_ptr" in row["writes"]]
+    assert emit and all(writes == WRITES["index_scores_kernel"] for writes in emit)
