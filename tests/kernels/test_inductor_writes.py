@@ -24,10 +24,9 @@ WRITES = {
     "flagged_rescore_kernel": {"out_idx_ptr", "out_val_ptr", "scratch_ptr"},
     "flagged_topk_kernel": {"out_idx_ptr", "out_val_ptr", "src_ptr"},
     "hidden_tails_kernel": {"idx_ptr", "ke_ptr", "ks_ptr", "mask_ptr", "val_ptr"},
-    # FULL writes out; EMIT appends values to out (the candidate values) and ids to cand_idx,
-    # at slots that depend on the visibility it reads (ranges, mask).
-    "index_scores_kernel": {"cand_idx_ptr", "count_ptr", "ke_ptr", "ks_ptr", "mask_ptr",
-                            "out_ptr"},
+    # FULL writes out; EMIT appends values to out (the candidate values) and ids to cand_idx
+    # (in inline asm, declared to the analysis by common.declare_written).
+    "index_scores_kernel": {"cand_idx_ptr", "count_ptr", "out_ptr"},
     "pooled_keys_kernel": {"out_ptr"},
     "query_scores_kernel": {"out_ptr"},
     "routed_inputs_kernel": {"fault_ptr", "q_out_ptr", "w_out_ptr"},
