@@ -4,11 +4,10 @@ a traced op and decides which inputs to clone from this analysis: a kernel whose
 cannot see (stores in inline asm) could be reordered past its readers, and one it cannot
 analyse at all makes it assume every input is written."""
 import json
-import os
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
+
+from .script_rows import script_rows
 
 SCRIPT = Path(__file__).with_name("inductor_writes.py")
 
@@ -36,11 +35,7 @@ WRITES = {
 
 
 def test_inductor_sees_what_every_kernel_writes():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
-                         timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = script_rows(SCRIPT, timeout=1800)
     gave_up = [row for row in rows if row["gave_up"]]
     assert not gave_up, json.dumps(gave_up[:3])
     found = defaultdict(set)

@@ -3,10 +3,9 @@ NVIDIA backend and ptxas, on any machine (sm90_builds.py records the launches of
 tensors and compiles them): a kernel that only the CPU interpreter can run, or that needs more
 shared memory than the card has, fails here rather than on the first GPU."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from .script_rows import script_rows
 
 SCRIPT = Path(__file__).with_name("sm90_builds.py")
 # Every kernel the launchers use; the op calls in sm90_builds.py must reach each one.
@@ -18,11 +17,7 @@ KERNELS = {"index_scores_kernel", "query_scores_kernel", "router_scores_kernel",
 
 
 def test_every_launched_kernel_builds_for_an_h100():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
-                         timeout=2400)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    rows = script_rows(SCRIPT, timeout=2400)
     assert {row["kernel"] for row in rows} == KERNELS
     failed = [row for row in rows if not row["ok"]]
     assert not failed, json.dumps(failed[:3], indent=1)
