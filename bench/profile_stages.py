@@ -11,7 +11,7 @@ candidate append costs MISA's EMIT; the router's stages, its scores kernel with 
 heads selected in it or by candidate_topk, and with other tiles;
 MISA's stages and the decode ops with FP8 inputs against bf16; decode scoring with other tiles
 (dense and routed, contiguous and paged, bf16 and FP8 keys); the host time of plain op calls
-and the functions it goes to.
+and the functions it goes to; EMIT under configs beyond the tuner's.
 
     python bench/profile_stages.py [--only hier,masked]"""
 from __future__ import annotations
@@ -559,11 +559,58 @@ def sampled_scores(out, T=65536, H=64, h=8, K=2048):
         print(f"index_scores FULL best config for {key}: {config}", flush=True)
 
 
+def emit_tiles(out, T=65536, H=64, h=8, K=2048):
+    """MISA's EMIT (8 routed heads, the real threshold) at 8192 and 1024 queries x 64K under
+    each of a wider set of configs than the tuner's (tiles, warps, pipeline stages, a register
+    cap), each alone: which one the tuner should also try."""
+    default = isc._tuned_emit
+    tiles = [(64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8), (128, 64, 4), (64, 64, 4)]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "PER_ELEMENT": False},
+                             num_warps=warps, num_stages=stages)
+               for m, n, warps in tiles for stages in (2, 3, 4)]
+    configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PER_ELEMENT": False},
+                              num_warps=4, num_stages=3, maxnreg=reg) for reg in (128, 168)]
+    for S in (8192, 1024):
+        q, k, w = make_inputs(1, S, T, H)
+        heads = route_heads(q, k, w, h, 1024, True, None, None)
+        q_r, w_r = gather_heads(q, w, heads)
+        del q, w
+        vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+        plan = plan_selection(K, T)
+        sample = torch.empty(1, S, plan.n_sample, device="cuda")
+        lo = torch.empty(S, device="cuda")
+        index_scores(q_r, k, w_r, rows=S, row0=0, n_cols=plan.n_sample,
+                     key_stride=plan.key_stride, out=sample, **vis)
+        st.sample_threshold(sample, plan.rank, plan.n_sample, lo)
+        cand_val = torch.empty(S, plan.capacity, device="cuda")
+        cand_idx = torch.empty(S, plan.capacity, dtype=torch.int32, device="cuda")
+        count = torch.zeros(S, dtype=torch.int32, device="cuda")
+
+        def launch():
+            count.zero_()
+            index_scores(q_r, k, w_r, rows=S, row0=0, n_cols=T,
+                         emit=(lo, cand_val, cand_idx, count), **vis)
+        out[f"emit {S}x64K.tuned"] = ms(launch)
+        for config in configs:
+            isc._tuned_emit = triton.autotune(configs=[config], key=isc._KEY,
+                                              reset_to_zero=["count_ptr"])(isc.index_scores_kernel)
+            try:
+                out[f"emit {S}x64K.{config}"] = ms(launch)
+            except Exception as error:  # a config that does not fit the card (shared memory)
+                print(f"emit {S}x64K {config}: {type(error).__name__}", flush=True)
+            finally:
+                isc._tuned_emit = default
+        del q_r, k, w_r
+        torch.cuda.empty_cache()
+    for key, config in default.cache.items():
+        print(f"index_scores EMIT best config for {key[:5]}: {config}", flush=True)
+
+
 SECTIONS = dict(topk=topk_alone, decode=decode, rerank=rerank, ranges=ranges_against_causal,
                 scoring=scoring, append=append_cost, paged=paged_decode, hier=hier_stages,
                 decode_tiles=decode_tiles, host=host_time,
                 masked=masked, wide=wide_rows, router=router, fp8=fp8_against_bf16,
-                sampled=sampled_scores)
+                sampled=sampled_scores, emit_tiles=emit_tiles)
 
 
 def main():
