@@ -135,6 +135,19 @@ def store_pair_where(val_ptrs, values, idx_ptrs, ids, keep):
 
 
 @triton.jit
+def store_int64_where(ptrs, values, keep, result):
+    """Stores int64 values where keep holds, as a predicated PTX store in the operands' own
+    layout, and returns `result` (int32) unchanged: the caller uses it, which keeps the pure asm
+    live (see declare_written). A store in asm is invisible to Inductor's kernel analysis, so
+    the address may depend on data the kernel only reads without that data being marked
+    written; the kernel must write `ptrs`' tensor by tl.store elsewhere."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b64 [$1], $2; mov.b32 $0, $4; }",
+        "=r,l,l,r,r", [ptrs.to(tl.int64), values, keep.to(tl.int32), result], dtype=tl.int32,
+        is_pure=True, pack=1)
+
+
+@triton.jit
 def declare_written(val_ptr, idx_ptr, stored):
     """A store that never happens (stored is 0 or 1), to the lists store_pair_where wrote. It
     keeps the pure asm live (Triton drops pure ops whose results go unused; a non-pure asm

@@ -13,8 +13,8 @@ SCRIPT = Path(__file__).with_name("inductor_writes.py")
 
 # Each kernel's outputs (the union over its variants). Some inputs appear too: the analysis
 # marks a pointer written when a store's address depends on data loaded through it
-# (candidate_topk places winners by their loaded values; hidden_tails by the visibility it
-# reads; flagged_topk by the scores), which costs at most a clone of that input.
+# (candidate_topk places winners by their loaded values; flagged_topk by the scores), which
+# costs a copy of that input where it is used later.
 WRITES = {
     "block_visibility_kernel": {"out_ptr"},
     "candidate_topk_kernel": {"flag_ptr", "out_idx_ptr", "out_val_ptr", "val_ptr"},
@@ -22,7 +22,9 @@ WRITES = {
     "compact_rows_kernel": {"cand_idx_ptr", "cand_val_ptr", "count_ptr"},
     "flagged_rescore_kernel": {"out_idx_ptr", "out_val_ptr", "scratch_ptr"},
     "flagged_topk_kernel": {"out_idx_ptr", "out_val_ptr", "src_ptr"},
-    "hidden_tails_kernel": {"idx_ptr", "ke_ptr", "ks_ptr", "mask_ptr", "val_ptr"},
+    # (its hidden ids, placed by the mask it reads, are stored in PTX, declared by the
+    # tl.store of the moved ids)
+    "hidden_tails_kernel": {"idx_ptr", "val_ptr"},
     # FULL writes out; EMIT appends values to out (the candidate values) and ids to cand_idx
     # (in inline asm, declared to the analysis by common.declare_written).
     "index_scores_kernel": {"cand_idx_ptr", "count_ptr", "out_ptr"},

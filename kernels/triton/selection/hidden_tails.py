@@ -18,7 +18,8 @@ from torch.library import wrap_triton
 import triton
 import triton.language as tl
 
-from ..common import INTERPRET, load_mask_tile, mask_operand, next_pow2, visible_range
+from ..common import (INTERPRET, INTERPRETED, load_mask_tile, mask_operand, next_pow2,
+                      store_int64_where, visible_range)
 
 
 @triton.jit
@@ -58,9 +59,17 @@ def hidden_tails_kernel(val_ptr, idx_ptr, mask_ptr, ks_ptr, ke_ptr, rows, S, T, 
                                             stride_ms, stride_mt, MASK_KIND)
                 hidden = (keys < T) & ~visible
                 ordinal = found + tl.cumsum(hidden.to(tl.int32), axis=0) - 1
-                tl.store(idx_ptr + row + n_member + ordinal, keys.to(tl.int64),
-                         mask=hidden & (ordinal < needs))
-                found += tl.sum(hidden.to(tl.int32), axis=0)
+                target = idx_ptr + row + n_member + ordinal
+                keep = hidden & (ordinal < needs)
+                # In PTX on the GPU: with tl.store, Inductor's analysis sees the address depend
+                # on the mask and ranges and takes them for written (copying them first).
+                if INTERPRETED:
+                    tl.store(target, keys.to(tl.int64), mask=keep)
+                    counted = hidden.to(tl.int32)
+                else:
+                    counted = store_int64_where(target, keys.to(tl.int64), keep,
+                                                hidden.to(tl.int32))
+                found += tl.sum(counted, axis=0)
 
 
 def hidden_tails(values: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, T: int,
