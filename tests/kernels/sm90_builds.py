@@ -44,7 +44,8 @@ H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448
 LAUNCHING_MODULES = [
     f"misa_compile.kernels.triton.{name}" for name in (
-        "launch.paged_decode_topk", "scoring.block_visibility", "scoring.index_scores",
+        "launch.paged_decode_topk", "poison_rows", "scoring.block_visibility",
+        "scoring.index_scores",
         "scoring.query_scores", "scoring.routed_inputs", "scoring.router_scores",
         "selection.candidate_topk", "selection.compact_rows", "selection.flagged_topk",
         "selection.hidden_tails", "selection.sample_threshold")]

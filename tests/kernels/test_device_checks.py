@@ -109,6 +109,38 @@ def test_paged_decode_clamps_and_poisons_bad_lengths_and_pages():
         same_rows((values[b], indices[b]), (want[0][b], want[1][b]))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("lead,faults_shape", [((3, 5), (3, 5)), ((3, 5), (3, 1)), ((4,), (4,))],
+                         ids=["per-row", "per-sequence", "one-leading-dim"])
+@pytest.mark.parametrize("with_values", [True, False], ids=["selection", "ids"])
+def test_poison_rows_writes_the_faulted_rows_only(lead, faults_shape, with_values):
+    from misa_compile.kernels.triton.poison_rows import poison_rows
+    gen = torch.Generator().manual_seed(4)
+    # Rows that are slices of wider buffers (row stride 1030, not the width) and a width past
+    # one program step (1024 columns).
+    values = torch.randn(*lead, 1030, generator=gen)[..., :1029]
+    ids = torch.randint(0, 99, (*lead, 1030), generator=gen)[..., :1029]
+    faults = torch.rand(faults_shape, generator=gen) < 0.5
+    faults.view(-1)[0] = True
+    want_values = values.masked_fill(faults[..., None], float("nan"))
+    want_ids = ids.masked_fill(faults[..., None], -1)
+    untouched = values.clone()
+    poison_rows(values if with_values else None, ids, faults)
+    assert torch.equal(ids, want_ids)
+    if with_values:
+        torch.testing.assert_close(values, want_values, equal_nan=True)
+    else:
+        assert torch.equal(values, untouched)
+
+
+@needs_interpreter
+def test_poison_rows_refuses_three_leading_dims():
+    from misa_compile.kernels.triton.poison_rows import poison_rows
+    with pytest.raises(ValueError, match="one or two leading dims"):
+        poison_rows(None, torch.zeros(2, 2, 2, 4, dtype=torch.int64), torch.ones(2, 2, 2,
+                                                                                 dtype=torch.bool))
+
+
 BAD_SCALES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0]
 
 

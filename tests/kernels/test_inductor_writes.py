@@ -28,6 +28,7 @@ WRITES = {
     # FULL writes out; EMIT appends values to out (the candidate values) and ids to cand_idx
     # (in inline asm, declared to the analysis by common.declare_written).
     "index_scores_kernel": {"cand_idx_ptr", "count_ptr", "out_ptr"},
+    "poison_rows_kernel": {"ids_ptr", "values_ptr"},
     "pooled_keys_kernel": {"out_ptr"},
     "query_scores_kernel": {"out_ptr"},
     "routed_inputs_kernel": {"fault_ptr", "q_out_ptr", "w_out_ptr"},

@@ -131,8 +131,8 @@ VALUE_KINDS = ROW_KINDS + ("pos_inf", "clustered", "huge_span", "denormal_span")
 
 def make_value_row(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
     """make_row's rows plus the corners of the value binning: +inf lanes, a cluster of nearly
-    equal values under one outlier (the two passes leave many keys in the final bin: the
-    fallback), a span past fp32 (max - min overflows) and a denormal span (256 / span
+    equal values under one outlier (the code passes leave many keys in the final code: the
+    fallback), a span past fp32 (max - min overflows) and a denormal span (32768 / span
     overflows)."""
     if kind == "pos_inf":
         x = torch.randn(n, generator=gen)

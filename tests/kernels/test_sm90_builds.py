@@ -13,7 +13,7 @@ KERNELS = {"index_scores_kernel", "query_scores_kernel", "router_scores_kernel",
            "pooled_keys_kernel", "block_visibility_kernel", "candidate_topk_kernel",
            "sample_threshold_kernel", "compact_rows_kernel", "flagged_topk_kernel",
            "flagged_rescore_kernel", "hidden_tails_kernel", "checked_paging_kernel",
-           "routed_inputs_kernel"}
+           "routed_inputs_kernel", "poison_rows_kernel"}
 
 
 def test_every_launched_kernel_builds_for_an_h100():

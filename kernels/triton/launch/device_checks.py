@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ..poison_rows import poison_rows
+
 
 def fold_query_scale(w: torch.Tensor, q_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """w * q_scale (fp32): a positive factor per query and head commutes with the ReLU of the
@@ -54,18 +56,16 @@ def poison_selection(values: torch.Tensor, indices: torch.Tensor,
                      faults: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """values NaN and indices -1 in the rows (leading dims of the selection) where faults is
     set; faults broadcasts to the selection's leading dims. In place: the selection is always
-    the op's own fresh output, and an out-of-place fill would first copy all of it (at 8192
-    queries x 8192 candidates, 768 MiB)."""
-    if faults is None:
-        return values, indices
-    faults = faults[..., None]
-    return values.masked_fill_(faults, float("nan")), indices.masked_fill_(faults, -1)
+    the op's own fresh output, and only the faulted rows are written (poison_rows)."""
+    if faults is not None:
+        poison_rows(values, indices, faults)
+    return values, indices
 
 
 def poison_ids(ids: torch.Tensor, faults: Optional[torch.Tensor]) -> torch.Tensor:
     """-1 in the rows of an id-only output (routed heads, HISA candidate ids) where faults is
     set. The consumers poison in turn: routed_topk poisons a row with a head id outside
     [0, H); rerank_topk checks the same scales as hisa_candidates."""
-    if faults is None:
-        return ids
-    return ids.masked_fill_(faults[..., None], -1)  # in place, as poison_selection
+    if faults is not None:
+        poison_rows(None, ids, faults)  # in place, as poison_selection
+    return ids

@@ -1,7 +1,7 @@
 """Exact top-k of one short row per program (a candidate list, a row of re-rank or block scores).
-The k-th largest ordered key is found by two histogram passes over the row's value range and an
-exact finish (radix_select.kth_largest), then the entries above it, and as many ties as still
-fit, are written to their output slots by a prefix sum. Output order is unspecified. A row is
+The k-th largest ordered key is found by a radix select of the entries' value codes (three
+32-bin histogram passes) and an exact finish (radix_select.kth_largest), then the entries above
+it, and as many ties as still fit, are written to their output slots by a prefix sum. Output order is unspecified. A row is
 either held in registers or streamed from memory in pieces of CHUNK lanes, one pass per step, so
 that a program's registers hold one piece. Wider rows than STREAM_ABOVE (MISA-hierarchical's
 lists of 8192 candidates, 16384 lanes) always stream: 16384 lanes in one program's registers

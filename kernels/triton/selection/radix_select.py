@@ -1,21 +1,27 @@
 """The k-th largest order-preserving 32-bit key (common.ordered_key) of a row held in registers.
 
-kth_largest, the one the selections call, bins the lanes' fp32 values twice over the row's finite
-range (256 linear bins, then 256 sub-bins of the chosen bin): any monotone binning keeps the
-answer in the bin that the counts point to, and two passes over the value range leave only a
-lane or two in the final bin, where a few exact reductions over the keys finish. A row whose
-final bin still holds many distinct keys (values spread over many orders of magnitude, a span
-past fp32) falls back to kth_largest_key, an exact radix select over the key bits: four passes
-of 8-bit digits, most significant first, each one 256-bin tl.histogram and a suffix sum over the
-bins, where a bitwise search needs 32 rounds, each a full reduction (latency bound).
+kth_largest, the one the selections call, maps each lane's fp32 value to a 15-bit code, its
+position in 32768 equal bins over the row's finite range (any monotone map of the value keeps the
+answer in the code that the counts point to), and radix-selects the code in three passes of
+5-bit digits (32 bins). That leaves a lane or two in the final code, where a few exact reductions
+over the keys finish. A row whose final code still holds many distinct keys (values spread over
+many orders of magnitude, a span past fp32) falls back to kth_largest_key, an exact radix select
+over the key bits: four passes of 8-bit digits, most significant first.
+
+Why 32 bins a pass: tl.histogram counts a warp's lanes with one ballot per bit of the bin index
+and, per bin a lane owns (bins / 32 of them), an AND of those ballots and a popcount. 256 bins
+cost about 90 instructions per element held, 32 bins about 12, so three 32-bin passes cost a
+quarter of two 256-bin ones (the same resolution, 2^15 against 2^16 bins, where the final code
+rarely holds more than the answer). Each pass is one histogram and a suffix sum over its bins,
+where a bitwise search needs a full reduction per bit (latency bound).
 
 Pass p fixes digit p of the answer. A lane whose higher digits differ from the prefix fixed so far
 is not masked out of the histogram (its mask argument is missing from some Triton versions, and
-the mask would cost a ballot per element): a lane above the prefix counts as digit 255, one below
-as digit 0. Then for every d >= 1 the bins >= d count exactly the keys >= prefix | d << shift,
-and the answer's digit is the largest d whose count reaches k (0 when none does). The answer is
-the largest t with count(keys >= t) >= k, i.e. the k-th largest key, and 0 when fewer than k keys
-are > 0 (padding lanes carry key 0)."""
+the mask would cost a ballot per element): a lane above the prefix counts as the top digit, one
+below as digit 0. Then for every d >= 1 the bins >= d count exactly the codes >= prefix | d <<
+shift, and the answer's digit is the largest d whose count reaches k (0 when none does). The
+answer is the largest t with count(codes >= t) >= k, i.e. the k-th largest code, and 0 when fewer
+than k codes are > 0 (padding lanes carry code 0)."""
 from __future__ import annotations
 
 import triton
@@ -23,85 +29,106 @@ import triton.language as tl
 
 from ..common import ordered_key
 
-BINS = tl.constexpr(256)
+# Digits of the exact select over the 32-bit keys (the rare fallback; 256 bins a pass).
+KEY_BITS, KEY_DIGIT, KEY_BINS = tl.constexpr(32), tl.constexpr(8), tl.constexpr(256)
+# The value codes and their digits: three passes of 32 bins.
+VALUE_BITS, VALUE_DIGIT, VALUE_BINS = tl.constexpr(15), tl.constexpr(5), tl.constexpr(32)
+VALUE_CODES = tl.constexpr(1 << 15)
 # Distinct keys the exact finish of kth_largest walks down through before falling back.
 FINISH_STEPS = tl.constexpr(16)
 
 
 @triton.jit
-def radix_digit(keys, prefix, SHIFT: tl.constexpr):
-    """int32 histogram input of pass SHIFT (24, 16, 8, 0): the keys' digit at SHIFT where their
-    higher bits equal prefix's, else 255 above the prefix and 0 below it."""
-    digit = ((keys >> SHIFT) & 0xFF).to(tl.int32)
-    if SHIFT < 24:
-        high = keys >> (SHIFT + 8)
-        fixed = prefix >> (SHIFT + 8)
-        digit = tl.where(high > fixed, 255, tl.where(high < fixed, 0, digit))
+def radix_digit(codes, prefix, SHIFT: tl.constexpr, DIGIT: tl.constexpr, BITS: tl.constexpr,
+                BINS: tl.constexpr):
+    """int32 histogram input of the pass at SHIFT over BITS-bit codes: the codes' DIGIT-bit digit
+    (BINS = 2^DIGIT values) at SHIFT where their higher bits equal prefix's, else the top digit
+    above the prefix and 0 below it."""
+    digit = ((codes >> SHIFT) & (BINS - 1)).to(tl.int32)
+    if SHIFT + DIGIT < BITS:
+        high = codes >> (SHIFT + DIGIT)
+        fixed = prefix >> (SHIFT + DIGIT)
+        digit = tl.where(high > fixed, BINS - 1, tl.where(high < fixed, 0, digit))
     return digit
 
 
 @triton.jit
-def pick_digit(hist, total, prefix, above, k, SHIFT: tl.constexpr):
-    """(prefix with the answer's digit at SHIFT set, count of keys above the range of keys that
-    share that new prefix) from the pass's histogram over `total` lanes; `above` is that count
-    for the previous prefix (0 before the first pass). After the last pass (SHIFT 0) the count
-    is that of the keys > the answer."""
+def pick_digit(hist, total, prefix, above, k, SHIFT: tl.constexpr, BINS: tl.constexpr):
+    """(prefix with the answer's digit at SHIFT set, count of codes above the range of codes that
+    share that new prefix) from the pass's BINS-bin histogram over `total` lanes; `above` is that
+    count for the previous prefix (0 before the first pass). After the last pass (SHIFT 0) the
+    count is that of the codes > the answer."""
     bins = tl.arange(0, BINS)
     # at_least[d] = lanes with digit >= d (the histogram's suffix sum).
     at_least = total - tl.cumsum(hist, axis=0) + hist
     digit = tl.max(tl.where(at_least >= k, bins, 0), axis=0)
-    # Lanes with a digit above the answer's are the keys above the new prefix, except at digit
-    # 255: bin 255 also holds the lanes above the previous prefix, which are exactly those.
+    # Lanes with a digit above the answer's are the codes above the new prefix, except at the
+    # top digit: its bin also holds the lanes above the previous prefix, which are exactly those.
     beyond = tl.sum(tl.where(bins == digit, at_least - hist, 0), axis=0)
     above = tl.where(digit == BINS - 1, above, beyond)
     return prefix | (digit.to(tl.uint32) << SHIFT), above
 
 
 @triton.jit
-def kth_largest_key(keys, k, LANES: tl.constexpr):
-    """(k-th largest of the uint32 keys held in registers (LANES of them, padding lanes 0), count
-    of keys greater than it)."""
+def radix_select(codes, k, LANES: tl.constexpr, BITS: tl.constexpr, DIGIT: tl.constexpr,
+                 BINS: tl.constexpr):
+    """(k-th largest of the uint32 BITS-bit codes held in registers (LANES of them, padding lanes
+    0), count of codes greater than it), in BITS / DIGIT passes of BINS = 2^DIGIT bins."""
     prefix = tl.zeros((), dtype=tl.uint32)
     above = tl.zeros((), dtype=tl.int32)
-    for p in tl.static_range(4):
-        hist = tl.histogram(radix_digit(keys, prefix, 24 - 8 * p), BINS)
-        prefix, above = pick_digit(hist, LANES, prefix, above, k, 24 - 8 * p)
+    for p in tl.static_range(BITS // DIGIT):
+        # Digit p sits at bit BITS - DIGIT * (p + 1).
+        hist = tl.histogram(radix_digit(codes, prefix, BITS - DIGIT * (p + 1), DIGIT, BITS,
+                                        BINS), BINS)
+        prefix, above = pick_digit(hist, LANES, prefix, above, k, BITS - DIGIT * (p + 1), BINS)
     return prefix, above
 
 
 @triton.jit
-def value_bins(x, values):
-    """Bin 0..255 of each lane from x >= 0, its position in bin units (any monotone function of
-    the value works, however fp32 rounds it); +inf lanes take the top bin."""
-    bins = tl.minimum(tl.maximum(x.to(tl.int32), 0), BINS - 1)  # truncation is the floor
-    return tl.where(values == float("inf"), BINS - 1, bins)
+def kth_largest_key(keys, k, LANES: tl.constexpr):
+    """(k-th largest of the uint32 keys held in registers (LANES of them, padding lanes 0), count
+    of keys greater than it)."""
+    return radix_select(keys, k, LANES, KEY_BITS, KEY_DIGIT, KEY_BINS)
+
+
+@triton.jit
+def value_range(values):
+    """(vmin, scale) of the value codes: scale maps the finite span onto the 2^VALUE_BITS codes.
+    No finite value, a single one, or a span past fp32: scale 0, every finite lane takes code 0
+    and the finish (or the fallback) decides."""
+    finite = tl.abs(values) < float("inf")
+    vmax = tl.max(tl.where(finite, values, float("-inf")), axis=0)
+    vmin = tl.min(tl.where(finite, values, float("inf")), axis=0)
+    return vmin, code_scale(vmin, vmax)
+
+
+@triton.jit
+def code_scale(vmin, vmax):
+    span = vmax - vmin
+    spread = (span > 0) & (span < float("inf"))
+    return tl.where(spread, VALUE_CODES / tl.where(spread, span, 1.0), 0.0)
+
+
+@triton.jit
+def value_codes(values, vmin, scale):
+    """uint32 code of each lane, 0 .. 2^VALUE_BITS - 1, non-decreasing in the value (however fp32
+    rounds the position; truncation is the floor): -inf lanes code 0, +inf lanes the top code."""
+    finite = tl.abs(values) < float("inf")
+    pos = (tl.where(finite, values, vmin) - vmin) * scale
+    codes = tl.minimum(tl.maximum(pos.to(tl.int32), 0), VALUE_CODES - 1)
+    return tl.where(values == float("inf"), VALUE_CODES - 1, codes).to(tl.uint32)
 
 
 @triton.jit
 def kth_largest(values, keys, k, LANES: tl.constexpr):
     """kth_largest_key's result for keys = ordered_key(values) (NaN lanes -inf; padding lanes
-    value -inf and key 0), by two passes over the value range and an exact finish."""
-    finite = tl.abs(values) < float("inf")
-    vmax = tl.max(tl.where(finite, values, float("-inf")), axis=0)
-    vmin = tl.min(tl.where(finite, values, float("inf")), axis=0)
-    span = vmax - vmin
-    # No finite value, a single one, or a span past fp32: every finite lane lands in bin 0 and
-    # the finish (or the fallback) decides.
-    spread = (span > 0) & (span < float("inf"))
-    scale = tl.where(spread, BINS / tl.where(spread, span, 1.0), 0.0)
-    pos = (tl.where(finite, values, vmin) - vmin) * scale  # -inf lanes: bin 0
-    coarse = value_bins(pos, values)
-    zero = tl.zeros((), dtype=tl.uint32)
-    digit, above = pick_digit(tl.histogram(coarse, BINS), LANES, zero,
-                              tl.zeros((), dtype=tl.int32), k, 0)
-    d1 = digit.to(tl.int32)
-    # Sub-bins of bin d1; lanes above it count as 255 and below as 0, as in radix_digit.
-    sub = value_bins((pos - d1.to(tl.float32)) * BINS, values)
-    fine = tl.where(coarse > d1, BINS - 1, tl.where(coarse < d1, 0, sub))
-    digit, above = pick_digit(tl.histogram(fine, BINS), LANES, zero, above, k, 0)
-    in_final = (coarse == d1) & (fine == digit.to(tl.int32))
-    # The final bin holds the answer and at least `need` lanes; lanes outside it have keys
-    # above or below all of its keys (equal keys share a value, hence a bin).
+    value -inf and key 0), by a radix select of the value codes and an exact finish."""
+    vmin, scale = value_range(values)
+    codes = value_codes(values, vmin, scale)
+    code, above = radix_select(codes, k, LANES, VALUE_BITS, VALUE_DIGIT, VALUE_BINS)
+    in_final = codes == code
+    # The final code holds the answer and at least `need` lanes; lanes outside it have keys
+    # above or below all of its keys (equal keys share a value, hence a code).
     need = k - above
     cur = tl.max(tl.where(in_final, keys, 0), axis=0)
     at_or_above = tl.sum((in_final & (keys >= cur)).to(tl.int32), axis=0)
@@ -126,43 +153,52 @@ def row_chunk(row, slots, n):
 
 
 @triton.jit
-def streamed_kth_largest_key(row, n, k, lanes, CHUNK: tl.constexpr):
-    """kth_largest_key over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes
-    >= n padding): each of the four passes sums the pieces' histograms."""
+def chunk_codes(row, slots, n, vmin, scale, VALUES: tl.constexpr):
+    """The codes a streamed select ranks for lanes `slots` of a row: value codes (VALUES, from
+    vmin and scale) or the ordered keys."""
+    values, keys = row_chunk(row, slots, n)
+    if VALUES:
+        keys = value_codes(values, vmin, scale)
+    return keys
+
+
+@triton.jit
+def streamed_radix_select(row, n, k, lanes, vmin, scale, CHUNK: tl.constexpr,
+                          VALUES: tl.constexpr, BITS: tl.constexpr, DIGIT: tl.constexpr,
+                          BINS: tl.constexpr):
+    """radix_select over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes >= n
+    padding), of the codes chunk_codes gives: each pass sums the pieces' histograms."""
     offsets = tl.arange(0, CHUNK)
     prefix = tl.zeros((), dtype=tl.uint32)
     above = tl.zeros((), dtype=tl.int32)
-    for p in tl.static_range(4):
+    for p in tl.static_range(BITS // DIGIT):
         hist = tl.zeros((BINS,), dtype=tl.int32)
         for c0 in range(0, lanes, CHUNK):
-            _, keys = row_chunk(row, c0 + offsets, n)
-            hist += tl.histogram(radix_digit(keys, prefix, 24 - 8 * p), BINS)
-        prefix, above = pick_digit(hist, lanes, prefix, above, k, 24 - 8 * p)
+            codes = chunk_codes(row, c0 + offsets, n, vmin, scale, VALUES)
+            hist += tl.histogram(radix_digit(codes, prefix, BITS - DIGIT * (p + 1), DIGIT, BITS,
+                                             BINS), BINS)
+        prefix, above = pick_digit(hist, lanes, prefix, above, k, BITS - DIGIT * (p + 1), BINS)
     return prefix, above
 
 
 @triton.jit
-def final_bins(values, vmin, scale, d1):
-    """(coarse bin, fine bin) of each lane as kth_largest bins them (fine: 255 above bin d1, 0
-    below it)."""
-    finite = tl.abs(values) < float("inf")
-    pos = (tl.where(finite, values, vmin) - vmin) * scale
-    coarse = value_bins(pos, values)
-    sub = value_bins((pos - d1.to(tl.float32)) * BINS, values)
-    return coarse, tl.where(coarse > d1, BINS - 1, tl.where(coarse < d1, 0, sub))
+def streamed_kth_largest_key(row, n, k, lanes, CHUNK: tl.constexpr):
+    """kth_largest_key over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes
+    >= n padding)."""
+    return streamed_radix_select(row, n, k, lanes, 0.0, 0.0, CHUNK, False, KEY_BITS, KEY_DIGIT,
+                                 KEY_BINS)
 
 
 @triton.jit
-def streamed_bin_max(row, n, lanes, vmin, scale, d1, d2, ceiling, CHUNK: tl.constexpr):
-    """(largest key below `ceiling` in the final bin (d1, d2), how many lanes hold it), streamed;
-    (0, lanes of the bin with key 0) when none is above 0."""
+def streamed_code_max(row, n, lanes, vmin, scale, code, ceiling, CHUNK: tl.constexpr):
+    """(largest key below `ceiling` among the lanes of value code `code`, how many lanes hold
+    it), streamed; (0, lanes of the code with key 0) when none is above 0."""
     offsets = tl.arange(0, CHUNK)
     best = tl.zeros((), dtype=tl.uint32)
     count = tl.zeros((), dtype=tl.int32)
     for c0 in range(0, lanes, CHUNK):
         values, keys = row_chunk(row, c0 + offsets, n)
-        coarse, fine = final_bins(values, vmin, scale, d1)
-        take = (coarse == d1) & (fine == d2) & (keys < ceiling)
+        take = (value_codes(values, vmin, scale) == code) & (keys < ceiling)
         chunk_best = tl.max(tl.where(take, keys, 0), axis=0)
         chunk_count = tl.sum((take & (keys == chunk_best)).to(tl.int32), axis=0)
         count = tl.where(chunk_best > best, chunk_count,
@@ -174,8 +210,8 @@ def streamed_bin_max(row, n, lanes, vmin, scale, d1, d2, ceiling, CHUNK: tl.cons
 @triton.jit
 def streamed_kth_largest(row, n, k, lanes, CHUNK: tl.constexpr):
     """kth_largest over `lanes` lanes of a row streamed from memory in CHUNK pieces (lanes >= n
-    padding): a pass for the value range, one per histogram, one per key the finish walks
-    through (usually one), kth_largest_key's four when the finish gives up."""
+    padding): a pass for the value range, one per digit of the code, one per key the finish
+    walks through (usually one), kth_largest_key's four when the finish gives up."""
     offsets = tl.arange(0, CHUNK)
     vmax = tl.full((), float("-inf"), tl.float32)
     vmin = tl.full((), float("inf"), tl.float32)
@@ -184,33 +220,17 @@ def streamed_kth_largest(row, n, k, lanes, CHUNK: tl.constexpr):
         finite = tl.abs(values) < float("inf")
         vmax = tl.maximum(vmax, tl.max(tl.where(finite, values, float("-inf")), axis=0))
         vmin = tl.minimum(vmin, tl.min(tl.where(finite, values, float("inf")), axis=0))
-    span = vmax - vmin
-    spread = (span > 0) & (span < float("inf"))
-    scale = tl.where(spread, BINS / tl.where(spread, span, 1.0), 0.0)
-    zero = tl.zeros((), dtype=tl.uint32)
-    hist = tl.zeros((BINS,), dtype=tl.int32)
-    for c0 in range(0, lanes, CHUNK):
-        values, _ = row_chunk(row, c0 + offsets, n)
-        finite = tl.abs(values) < float("inf")
-        hist += tl.histogram(value_bins((tl.where(finite, values, vmin) - vmin) * scale, values),
-                             BINS)
-    digit, above = pick_digit(hist, lanes, zero, tl.zeros((), dtype=tl.int32), k, 0)
-    d1 = digit.to(tl.int32)
-    hist = tl.zeros((BINS,), dtype=tl.int32)
-    for c0 in range(0, lanes, CHUNK):
-        values, _ = row_chunk(row, c0 + offsets, n)
-        _, fine = final_bins(values, vmin, scale, d1)
-        hist += tl.histogram(fine, BINS)
-    digit, above = pick_digit(hist, lanes, zero, above, k, 0)
-    d2 = digit.to(tl.int32)
+    scale = code_scale(vmin, vmax)
+    code, above = streamed_radix_select(row, n, k, lanes, vmin, scale, CHUNK, True, VALUE_BITS,
+                                        VALUE_DIGIT, VALUE_BINS)
     need = k - above
-    # Walk the final bin's distinct keys down from the top, as kth_largest does in registers.
-    cur, at_cur = streamed_bin_max(row, n, lanes, vmin, scale, d1, d2,
-                                   tl.full((), 0xFFFFFFFF, tl.uint32), CHUNK)
+    # Walk the final code's distinct keys down from the top, as kth_largest does in registers.
+    cur, at_cur = streamed_code_max(row, n, lanes, vmin, scale, code,
+                                    tl.full((), 0xFFFFFFFF, tl.uint32), CHUNK)
     at_or_above = at_cur
     steps = tl.zeros((), dtype=tl.int32)
     while (at_or_above < need) & (steps < FINISH_STEPS):
-        cur, at_cur = streamed_bin_max(row, n, lanes, vmin, scale, d1, d2, cur, CHUNK)
+        cur, at_cur = streamed_code_max(row, n, lanes, vmin, scale, code, cur, CHUNK)
         at_or_above += at_cur
         steps += 1
     above = above + at_or_above - at_cur
