@@ -49,7 +49,8 @@ def poison_rows(values: Optional[torch.Tensor], ids: torch.Tensor, faults: torch
     flags = faults.expand(lead)
     if flags.numel() == 0 or width == 0:
         return
-    flags = (flags[None] if flags.dim() == 1 else flags).view(torch.uint8)
+    # Passed as bool (Triton loads it as int1): a dtype view of it would not lower in Inductor.
+    flags = flags[None] if flags.dim() == 1 else flags
     wrap_triton(poison_rows_kernel)[(flags.numel(),)](
         values if values is not None else ids, ids, flags, flags.shape[1], width,
         flags.stride(0), flags.stride(1), *_row_strides(values if values is not None else ids),
