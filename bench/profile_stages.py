@@ -104,24 +104,34 @@ def scoring(out, S=8192, T=65536, H=64, h=8, chunk=4096):
     out["op.dense_topk"] = ms(lambda: ops.dense_topk(q, k, w, 2048, 1.0, True))
 
 
-def append_cost(out, S=8192, T=65536, H=64, h=8, K=2048):
-    """What the candidate append costs MISA's EMIT at 8192 x 64K: EMIT with the real threshold
-    (~2800 of 65536 keys appended a row), with a threshold nothing reaches (same scoring and
-    compare, no slot reserved or stored), and FULL (every score written) for comparison."""
+EMIT_VISIBILITY = dict(causal=True, key_start=None, key_end=None, scale=1.0)
+
+
+def routed_emit_inputs(S, T=65536, H=64, h=8, K=2048):
+    """MISA's EMIT inputs at S queries x T keys, causal: the routed q and w, the keys, the real
+    threshold (from the sampled scores), empty candidate lists of the plan's capacity."""
     q, k, w = make_inputs(1, S, T, H)
     heads = route_heads(q, k, w, h, 1024, True, None, None)
     q_r, w_r = gather_heads(q, w, heads)
     del q, w
-    vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
     plan = plan_selection(K, T)
     sample = torch.empty(1, S, plan.n_sample, device="cuda")
     lo = torch.empty(S, device="cuda")
     index_scores(q_r, k, w_r, rows=S, row0=0, n_cols=plan.n_sample, key_stride=plan.key_stride,
-                 out=sample, **vis)
+                 out=sample, **EMIT_VISIBILITY)
     st.sample_threshold(sample, plan.rank, plan.n_sample, lo)
     cand_val = torch.empty(S, plan.capacity, device="cuda")
     cand_idx = torch.empty(S, plan.capacity, dtype=torch.int32, device="cuda")
     count = torch.zeros(S, dtype=torch.int32, device="cuda")
+    return q_r, k, w_r, lo, (cand_val, cand_idx, count)
+
+
+def append_cost(out, S=8192, T=65536, H=64, h=8, K=2048):
+    """What the candidate append costs MISA's EMIT at 8192 x 64K: EMIT with the real threshold
+    (~2800 of 65536 keys appended a row), with a threshold nothing reaches (same scoring and
+    compare, no slot reserved or stored), and FULL (every score written) for comparison."""
+    q_r, k, w_r, lo, (cand_val, cand_idx, count) = routed_emit_inputs(S, T, H, h, K)
+    vis = EMIT_VISIBILITY
     none_kept = torch.full_like(lo, float("inf"))
     for name, threshold in (("real threshold", lo), ("nothing kept", none_kept)):
         out[f"append.EMIT {name}"] = ms(lambda threshold=threshold: (count.zero_(), index_scores(
@@ -571,20 +581,8 @@ def emit_tiles(out, T=65536, H=64, h=8, K=2048):
     configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "PER_ELEMENT": False},
                               num_warps=4, num_stages=3, maxnreg=reg) for reg in (128, 168)]
     for S in (8192, 1024):
-        q, k, w = make_inputs(1, S, T, H)
-        heads = route_heads(q, k, w, h, 1024, True, None, None)
-        q_r, w_r = gather_heads(q, w, heads)
-        del q, w
-        vis = dict(causal=True, key_start=None, key_end=None, scale=1.0)
-        plan = plan_selection(K, T)
-        sample = torch.empty(1, S, plan.n_sample, device="cuda")
-        lo = torch.empty(S, device="cuda")
-        index_scores(q_r, k, w_r, rows=S, row0=0, n_cols=plan.n_sample,
-                     key_stride=plan.key_stride, out=sample, **vis)
-        st.sample_threshold(sample, plan.rank, plan.n_sample, lo)
-        cand_val = torch.empty(S, plan.capacity, device="cuda")
-        cand_idx = torch.empty(S, plan.capacity, dtype=torch.int32, device="cuda")
-        count = torch.zeros(S, dtype=torch.int32, device="cuda")
+        q_r, k, w_r, lo, (cand_val, cand_idx, count) = routed_emit_inputs(S, T, H, h, K)
+        vis = EMIT_VISIBILITY
 
         def launch():
             count.zero_()
